@@ -42,7 +42,8 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=(target.suffix if suffix is None else suffix) + ".tmp",
+        prefix=f".{target.name}.",
+        suffix=(target.suffix if suffix is None else suffix) + ".tmp",
         dir=target.parent,
     )
     os.close(fd)

@@ -88,17 +88,13 @@ def _read_config(path: Path) -> dict[str, str]:
         raise EdgeBuildError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
     unknown_tables = set(data) - {"paths"}
     if unknown_tables:
-        raise EdgeBuildError(
-            f"{path}: unknown table [{sorted(unknown_tables)[0]}]", "allowed: [paths]"
-        )
+        raise EdgeBuildError(f"{path}: unknown table [{sorted(unknown_tables)[0]}]", "allowed: [paths]")
     paths = data.get("paths", {})
     if not isinstance(paths, dict):
         raise EdgeBuildError(f"{path}: 'paths' must be a table")
     for key, value in paths.items():
         if key not in PATH_SETTINGS:
-            raise EdgeBuildError(
-                f"{path}: unknown key paths.{key}", f"allowed: {', '.join(PATH_SETTINGS)}"
-            )
+            raise EdgeBuildError(f"{path}: unknown key paths.{key}", f"allowed: {', '.join(PATH_SETTINGS)}")
         if not isinstance(value, str) or not value or "\x00" in value:
             raise EdgeBuildError(f"{path}: paths.{key} must be a non-empty string path")
     return paths

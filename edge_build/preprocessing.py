@@ -36,7 +36,9 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> Preprocessing:
-        fields = {k: payload[k] for k in ("size", "scale", "offset", "channel_order", "layout", "resize") if k in payload}
+        fields = {
+            k: payload[k] for k in ("size", "scale", "offset", "channel_order", "layout", "resize") if k in payload
+        }
         return cls(**fields)
 
     def resize_rgb(self, rgb: np.ndarray) -> np.ndarray:
