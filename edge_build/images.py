@@ -39,7 +39,9 @@ def _open_checked(path: Path) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not an image file PIL can read", "delete it or replace it with a JPEG/PNG") from exc
     except OSError as exc:
-        raise ImageError(f"{path}: cannot open ({exc.strerror or exc})", "check the file") from exc
+        raise ImageError(
+            f"{path}: image data is corrupt or truncated ({exc.strerror or exc})", "re-export or delete the file"
+        ) from exc
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
