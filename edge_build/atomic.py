@@ -22,6 +22,12 @@ import numpy as np
 from edge_build.errors import EdgeBuildError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -54,6 +60,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
             raise EdgeBuildError(f"writer produced no file for {target}")
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:

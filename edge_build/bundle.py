@@ -20,6 +20,8 @@ from edge_build.provenance import provenance
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
+#: Written into the bundle after the manifest (they render it), so never listed in it.
+REPORT_FILES = frozenset({"report.html", "report.md"})
 
 
 def staging_dir(target_dir: Path) -> Path:
@@ -42,7 +44,7 @@ def write_manifest(staging: Path, details: dict[str, Any]) -> Path:
     files = [
         {"path": str(path.relative_to(staging)), **file_entry(path)}
         for path in sorted(staging.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file() and path.name != MANIFEST and path.relative_to(staging).as_posix() not in REPORT_FILES
     ]
     manifest = {
         "schema": SCHEMA,
@@ -92,6 +94,6 @@ def check_bundle(directory: Path) -> BundleCheck:
             problems.append(f"{relative}: content changed (sha256 {actual['sha256'][:12]} != {entry['sha256'][:12]})")
     for path in sorted(directory.rglob("*")):
         relative = str(path.relative_to(directory))
-        if path.is_file() and path.name != MANIFEST and relative not in listed:
+        if path.is_file() and path.name != MANIFEST and relative not in listed and relative not in REPORT_FILES:
             problems.append(f"{relative}: not listed in the manifest")
     return BundleCheck(directory, len(listed), problems)
