@@ -27,6 +27,8 @@ class Runner(Protocol):
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
 
 @dataclass
 class OnnxRunner:
@@ -82,21 +84,29 @@ class OnnxRunner:
 
 @dataclass
 class MindSporeRunner:
-    """A MindSpore `nn.Cell` in PyNative mode on the CPU."""
+    """A MindSpore `nn.Cell` on the CPU, in eval mode: PyNative, and for an inference-only
+    MobileNetV2 cell (`network.fold_batchnorm`) a compiled graph once a batch shape repeats
+    (`network.inference_forward`)."""
 
     cell: Any
     name: str = "mindspore"
     input_format: str = FLOAT_NCHW
+    forward: Any = field(default=None, init=False, repr=False)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         from edge_build.msenv import mindspore_module
+        from edge_build.network import inference_forward
 
         ms = mindspore_module()
-        self.cell.set_train(False)
-        out = self.cell(ms.Tensor(np.ascontiguousarray(batch, dtype=np.float32)))
+        if self.forward is None:
+            self.forward = inference_forward(self.cell)
+        out = self.forward(ms.Tensor(np.ascontiguousarray(batch, dtype=np.float32)))
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.asnumpy().astype(np.float32)
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": self.run(batch)}
 
 
 @dataclass
@@ -145,17 +155,29 @@ class MindIRRunner:
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.asnumpy().astype(np.float32)
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": self.run(batch)}
+
 
 def run_batched(runner: Runner, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Run `inputs` through `runner` in batches and concatenate the outputs."""
     return np.concatenate([runner.run(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
-def open_runner(path: str | os.PathLike[str], threads: int = 2, providers: tuple[str, ...] | None = None) -> Runner:
-    """A runner for an artifact file, chosen by its extension."""
+def open_runner(
+    path: str | os.PathLike[str],
+    threads: int = 2,
+    providers: tuple[str, ...] | None = None,
+    spinning: bool = True,
+) -> Runner:
+    """A runner for an artifact file, chosen by its extension.
+
+    `spinning=False` stops ONNX Runtime's idle threads from busy-waiting: slower per call
+    in a latency benchmark, cheaper for bulk work on a shared CPU (parity, accuracy).
+    """
     path = Path(path)
     if path.suffix in (".onnx", ".ort"):
-        return OnnxRunner(path, threads=threads, providers=providers or ("CPUExecutionProvider",))
+        return OnnxRunner(path, threads=threads, providers=providers or ("CPUExecutionProvider",), spinning=spinning)
     if path.suffix == ".mindir":
         return MindIRRunner(path)
     raise EdgeBuildError(f"{path}: no runtime for '{path.suffix}' files", "expected .onnx, .ort or .mindir")
