@@ -20,6 +20,11 @@ def threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def jit_inference() -> bool:
+    """Compile inference forward passes with `mindspore.jit` (EDGE_BUILD_MS_JIT=0: PyNative)."""
+    return os.environ.get("EDGE_BUILD_MS_JIT", "1") != "0"
+
+
 def mindspore_module() -> ModuleType:
     """Import MindSpore once, quietly, on the CPU, in PyNative mode."""
     global _MODULE
