@@ -26,8 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "targets": ("edge_build.cli.deploy", "targets", "List the target profiles."),
     "calibrate": ("edge_build.cli.deploy", "calibrate", "(Re)generate the calibration image list."),
     "quantize": ("edge_build.cli.deploy", "quantize", "Quantize the ONNX model to int8 with the calibration set."),
-    "all": ("edge_build.cli.deploy", "build_all", "Run every stage a target needs and leave a bundle."),
-    "check-bundle": ("edge_build.cli.deploy", "check_bundle", "Re-verify a bundle against its manifest."),
+    "all": ("edge_build.cli.build", "build_all", "Run every stage a target needs and leave a bundle."),
+    "check-bundle": ("edge_build.cli.build", "check_bundle", "Re-verify a bundle against its manifest."),
     "bench": ("edge_build.cli.bench", "bench", "Benchmark latency and accuracy per target; keep history."),
     "report": ("edge_build.cli.report", "report", "Write the one-page HTML/Markdown build report."),
 }
