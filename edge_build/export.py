@@ -300,10 +300,17 @@ def read_artifacts(directory: Path) -> dict[str, Path]:
     return {kind: Path(directory) / entry["file"] for kind, entry in payload["artifacts"].items()}
 
 
-def find_artifacts(build_dir: Path) -> dict[str, Path]:
-    """Every artifact any stage published under `build_dir` (`<build>/*/artifacts.json`)."""
+def find_artifacts(build_dir: Path, target: str | None = None) -> dict[str, Path]:
+    """Every artifact any stage published under `build_dir` (`<build>/*/artifacts.json`).
+
+    With `target`, per-target stage directories of other targets (`quantize-cpu` when
+    asking for `lite`) are left out, so two targets' int8 models never mix.
+    """
     found: dict[str, Path] = {}
     for listing in sorted(Path(build_dir).glob(f"*/{ARTIFACTS_FILE}")):
+        name = listing.parent.name
+        if target is not None and "-" in name and not name.endswith(f"-{target}"):
+            continue
         found.update(read_artifacts(listing.parent))
     return found
 

@@ -173,11 +173,12 @@ def _run_stages(
     artifacts = _target_artifacts(settings, profile, data_root, exported, progress)
 
     progress.enter("verify")
-    parity = verify.stage(build, data_root, artifacts=artifacts, parity=profile.parity, log=log)
+    verify_dir = build / f"verify-{profile.name}"
+    parity = verify.stage(build, data_root, artifacts=artifacts, parity=profile.parity, log=log, directory=verify_dir)
     if verify.exit_code(parity) != 0:
         raise CheckFailed(
             f"parity check failed for target '{profile.name}': " + _failed_artifacts(parity),
-            f"see {build / 'verify' / 'parity.json'}; `edge-build verify` shows the diagnosis",
+            f"see {verify_dir / 'parity.json'}; `edge-build verify --target {profile.name}` shows the diagnosis",
         )
 
     bench_json = None
@@ -197,7 +198,7 @@ def _run_stages(
             "doctor.json": doctor_json,
             "training.json": training.directory / "training.json",
             "eval.json": build / "eval" / "eval.json",
-            "parity.json": build / "verify" / "parity.json",
+            "parity.json": verify_dir / "parity.json",
             "bench.json": bench_json,
         },
         metrics=_headline(evaluation, parity, artifacts),
@@ -260,14 +261,15 @@ def _cached_ort(onnx_path: Path, out_dir: Path, log: Log) -> Path:
     from edge_build.ort_format import convert_to_ort
     from edge_build.stages import run_stage
 
-    name = onnx_path.stem + ".ort"
-    result = run_stage(
-        "ort",
-        out_dir,
-        {"onnx": sha256_file(onnx_path), "name": name},
-        lambda directory: {"file": convert_to_ort(onnx_path, directory).name},
-        log=log,
-    )
+    from edge_build.export import ARTIFACTS_FILE, ARTIFACTS_SCHEMA
+
+    def produce(directory: Path) -> dict[str, Any]:
+        ort_file = convert_to_ort(onnx_path, directory)
+        listing = {"ort_fp32": {"file": ort_file.name, "input_format": "float_nchw", "outputs": ["logits"]}}
+        atomic.write_json(directory / ARTIFACTS_FILE, {"schema": ARTIFACTS_SCHEMA, "artifacts": listing})
+        return {"file": ort_file.name}
+
+    result = run_stage("ort", out_dir, {"onnx": sha256_file(onnx_path)}, produce, log=log)
     return out_dir / result.info["file"]
 
 

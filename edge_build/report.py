@@ -148,10 +148,18 @@ def load_sources(
 
 
 def _build_candidates(build_dir: Path, file_name: str, target: str) -> list[Path]:
-    """`<build>/<stage>/<file>` and `<build>/<stage>/<target>/<file>` (per-target stages such as bench)."""
+    """`<build>/<stage>/<file>`, `<build>/<stage>-<target>/<file>` and `<build>/<stage>/<target>/<file>`.
+
+    Per-target stage directories of other targets (`verify-gpu` for a lite report) are left out.
+    """
     if not build_dir.is_dir():
         return []
-    return sorted({*build_dir.glob(f"*/{file_name}"), *build_dir.glob(f"*/{target}/{file_name}")})
+    shared_or_ours = [
+        path
+        for path in build_dir.glob(f"*/{file_name}")
+        if "-" not in path.parent.name or path.parent.name.endswith(f"-{target}")
+    ]
+    return sorted({*shared_or_ours, *build_dir.glob(f"*/{target}/{file_name}")})
 
 
 def _load_history(sources: ReportSources, history_dir: Path | None) -> None:

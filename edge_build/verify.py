@@ -970,6 +970,7 @@ def stage(
     images: int | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    directory: Path | None = None,
 ) -> dict[str, Any]:
     """Verify `artifacts` (default: every artifact published under `build_dir`) on the validation
     split of `data_root`; writes and returns `<build>/verify/parity.json` (cached on the artifacts',
@@ -1017,7 +1018,7 @@ def stage(
         atomic.write_json(directory / REPORT_NAME, payload)
         return {"verdict": payload["verdict"]}
 
-    result = run_stage(STAGE, build_dir / STAGE, inputs, produce, force=force, log=log)
+    result = run_stage(STAGE, directory or build_dir / STAGE, inputs, produce, force=force, log=log)
     payload = json.loads((result.directory / REPORT_NAME).read_text(encoding="utf-8"))
     if payload["verdict"] == "error":
         (result.directory / RECORD_NAME).unlink(missing_ok=True)  # never cache "could not run"

@@ -36,7 +36,7 @@ def _target_artifacts(target: object, build_dir: Path) -> dict[str, Path]:
     """The target's artifacts as the build stages published them (`<build>/*/artifacts.json`)."""
     from edge_build.export import find_artifacts
 
-    found = find_artifacts(build_dir)
+    found = find_artifacts(build_dir, target=target.name)  # type: ignore[attr-defined]
     wanted = list(target.artifacts)  # type: ignore[attr-defined]
     missing = [name for name in wanted if name not in found]
     if missing:

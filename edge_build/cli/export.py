@@ -60,7 +60,7 @@ def _parse_artifacts(values: tuple[str, ...]) -> dict[str, Path]:
 def _target_artifacts(profile: Any, build_dir: Path) -> dict[str, Path]:
     from edge_build.export import find_artifacts
 
-    found = find_artifacts(build_dir)
+    found = find_artifacts(build_dir, target=profile.name)
     missing = [name for name in profile.artifacts if name not in found]
     if missing:
         raise EdgeBuildError(
@@ -136,13 +136,21 @@ def verify(
     artifacts = _parse_artifacts(artifact_args) or (_target_artifacts(profile, build_dir) if profile else None)
     with build_lock(build_dir):
         payload = parity.stage(
-            build_dir, data, artifacts, profile.parity if profile else None, images, force=force, log=_say
+            build_dir,
+            data,
+            artifacts,
+            profile.parity if profile else None,
+            images,
+            force=force,
+            log=_say,
+            directory=build_dir / f"{parity.STAGE}-{profile.name}" if profile else None,
         )
     if as_json:
         click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         click.echo(parity.render_table(payload))
-        click.echo(f"report: {build_dir / parity.STAGE / parity.REPORT_NAME}", err=True)
+        report_dir = build_dir / (f"{parity.STAGE}-{profile.name}" if profile else parity.STAGE)
+        click.echo(f"report: {report_dir / parity.REPORT_NAME}", err=True)
     if junit_xml:
         atomic.write_text(junit_xml, parity.junit_xml(payload))
     if markdown_file:
