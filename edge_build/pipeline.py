@@ -258,10 +258,9 @@ def _target_artifacts(
 
 
 def _cached_ort(onnx_path: Path, out_dir: Path, log: Log) -> Path:
+    from edge_build.export import ARTIFACTS_FILE, ARTIFACTS_SCHEMA
     from edge_build.ort_format import convert_to_ort
     from edge_build.stages import run_stage
-
-    from edge_build.export import ARTIFACTS_FILE, ARTIFACTS_SCHEMA
 
     def produce(directory: Path) -> dict[str, Any]:
         ort_file = convert_to_ort(onnx_path, directory)

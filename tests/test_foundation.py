@@ -69,7 +69,7 @@ def test_config_unknown_key_is_named(tmp_path, monkeypatch):
     (tmp_path / "edge-build.toml").write_text('[paths]\ndatta = "x"\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EDGE_BUILD_CONFIG", raising=False)
-    with pytest.raises(EdgeBuildError, match="paths.datta"):
+    with pytest.raises(EdgeBuildError, match=r"paths\.datta"):
         load_settings()
 
 
