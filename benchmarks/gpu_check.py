@@ -97,13 +97,20 @@ def run(pack: Path, report: Path, batch_sizes: list[int]) -> int:
     failed = False
     for kind in MODELS:
         row: dict = {}
-        for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
+        # edge-build runs CUDA with TF32 off (fp32 means fp32); the TF32 row shows what that costs.
+        configs = {
+            "CUDAExecutionProvider": ("CUDAExecutionProvider", {"use_tf32": "0"}),
+            "CUDAExecutionProvider+tf32": ("CUDAExecutionProvider", {"use_tf32": "1"}),
+            "CPUExecutionProvider": "CPUExecutionProvider",
+        }
+        for label, config in configs.items():
+            provider = label.split("+")[0]
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            session = ort.InferenceSession(str(pack / f"{kind}.onnx"), options, providers=[provider])
+            session = ort.InferenceSession(str(pack / f"{kind}.onnx"), options, providers=[config])
             got = session.get_providers()[0]
             if got != provider:
-                row[provider] = {"refused": f"session runs on {got}, not {provider}: no latency reported"}
+                row[label] = {"refused": f"session runs on {got}, not {provider}: no latency reported"}
                 failed |= provider == "CUDAExecutionProvider"
                 continue
             name = session.get_inputs()[0].name
