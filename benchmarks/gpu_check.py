@@ -97,12 +97,7 @@ def run(pack: Path, report: Path, batch_sizes: list[int]) -> int:
     failed = False
     for kind in MODELS:
         row: dict = {}
-        # edge-build runs CUDA with TF32 off (fp32 means fp32); the TF32 row shows what that costs.
-        configs = {
-            "CUDAExecutionProvider": ("CUDAExecutionProvider", {"use_tf32": "0"}),
-            "CUDAExecutionProvider+tf32": ("CUDAExecutionProvider", {"use_tf32": "1"}),
-            "CPUExecutionProvider": "CPUExecutionProvider",
-        }
+        configs = {"CUDAExecutionProvider": "CUDAExecutionProvider", "CPUExecutionProvider": "CPUExecutionProvider"}
         for label, config in configs.items():
             provider = label.split("+")[0]
             options = ort.SessionOptions()
@@ -134,7 +129,7 @@ def run(pack: Path, report: Path, batch_sizes: list[int]) -> int:
             for size in sizes:
                 batch = np.ascontiguousarray(np.resize(floats, (size, *floats.shape[1:])))
                 entry["latency"].append(_latency(session, name, batch, warmup=20, min_time_s=1.0, min_runs=50))
-            row[provider] = entry
+            row[label] = entry
             print(
                 kind,
                 provider,

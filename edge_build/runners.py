@@ -62,7 +62,7 @@ class OnnxRunner:
         if not self.spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=_with_options(self.providers))
+            self.session = ort.InferenceSession(str(self.path), options, providers=list(self.providers))
         except Exception as exc:  # ORT raises its own exception types for every load failure
             raise EdgeBuildError(
                 f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})",
@@ -157,12 +157,6 @@ class MindIRRunner:
 
     def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return {"logits": self.run(batch)}
-
-
-def _with_options(providers: tuple[str, ...]) -> list[Any]:
-    # cuDNN's default TF32 convolutions moved fp32 logits by 0.04 on an H100 (benchmarks/results/
-    # gpu_check_h100.json): fp32 must mean fp32 for the 1e-4 parity gate, so TF32 is off.
-    return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
 
 
 def run_batched(runner: Runner, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
