@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -201,7 +202,11 @@ def measure(subjects: dict[str, Callable[[], object]], rounds: int, iters: int, 
     for name in names:
         p50 = statistics.median(times[name])
         ratios = [a / b for a, b in zip(round_medians[name], round_medians[reference], strict=True)]
+        low = float(np.percentile(times[name], 10))
         result[name] = {
+            "min_ms": round(min(times[name]), 4),
+            "p10_ms": round(low, 4),
+            "p10_ratio_to_litert": round(low / float(np.percentile(times[reference], 10)), 4),
             "p50_ms": round(p50, 4),
             "p90_ms": round(float(np.percentile(times[name], 90)), 4),
             "ratio_to_litert": round(p50 / statistics.median(times[reference]), 4),
@@ -277,18 +282,24 @@ def main() -> None:
             subjects["u8_gap_stem.ort_bound"] = ort_subject(
                 variants["u8_gap_stem.ort"], args.threads, image, bound=True
             )
+        load_before = f"{os.getloadavg()[0]:.2f}"
         timing = measure(subjects, args.rounds, args.iters, args.warmup)
 
     import onnxruntime
 
     print(f"\nbatch 1, 224x224, {args.threads} threads, {args.rounds} interleaved rounds x {args.iters} runs")
-    print(f"{'subject':18s} {'p50 ms':>8s} {'p90 ms':>8s} {'x LiteRT':>9s} {'round x':>8s} {'top-1':>7s} {'agree':>6s}")
+    print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f}")
+    print(
+        f"{'subject':22s} {'p10 ms':>7s} {'p10 x':>6s} {'p50 ms':>7s} {'p90 ms':>7s} {'p50 x':>6s} {'round x':>7s} "
+        f"{'top-1':>6s} {'agree':>6s}"
+    )
     for name, row in timing.items():
         q = quality.get(name, {})
         top1, agreement = q.get("top1", float("nan")), q.get("agreement", float("nan"))
         print(
-            f"{name:18s} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['ratio_to_litert']:9.3f} "
-            f"{row['median_round_ratio']:8.3f} {top1:7.2f} {agreement:6.3f}"
+            f"{name:22s} {row['p10_ms']:7.3f} {row['p10_ratio_to_litert']:6.3f} {row['p50_ms']:7.3f} "
+            f"{row['p90_ms']:7.3f} {row['ratio_to_litert']:6.3f} {row['median_round_ratio']:7.3f} "
+            f"{top1:6.2f} {agreement:6.3f}"
         )
     print(f"fp32 ONNX top-1 {quality['fp32']['top1']:.2f} % on the validation split")
     if args.json:
@@ -296,6 +307,8 @@ def main() -> None:
             "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
             "onnxruntime": onnxruntime.__version__,
             "threads": args.threads,
+            "load_average_before": float(load_before),
+            "load_average_after": os.getloadavg()[0],
             "rounds": args.rounds,
             "iters": args.iters,
             "timing": timing,

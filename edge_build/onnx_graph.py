@@ -201,12 +201,27 @@ def set_metadata(model: Any, metadata: Mapping[str, Any], doc: str | None = None
     return model
 
 
+def load_model(path: Any) -> Any:
+    """`onnx.load` for a file that may be damaged or not ONNX at all: a one-line error naming it."""
+    onnx = _onnx()
+    hint = "the file is truncated or not an ONNX model; rebuild it with `edge-build export`"
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise EdgeBuildError(f"ONNX model not found: {path}", "run `edge-build export` first") from None
+    except Exception as exc:  # protobuf's DecodeError and friends, for any bytes that are not a ModelProto
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise EdgeBuildError(f"{path}: not a readable ONNX model ({reason})", hint) from exc
+    if not model.graph.node:  # an empty or foreign file can parse as an empty ModelProto
+        raise EdgeBuildError(f"{path}: not an ONNX model (no graph)", hint)
+    return model
+
+
 def read_metadata(model_or_path: Any) -> dict[str, Any]:
     """`metadata_props` back as a dict, JSON values decoded."""
-    onnx = _onnx()
     model = model_or_path
     if not hasattr(model, "metadata_props"):
-        model = onnx.load(str(model_or_path), load_external_data=False)
+        model = load_model(model_or_path)
     result: dict[str, Any] = {}
     for prop in model.metadata_props:
         try:
