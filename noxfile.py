@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, bench."""
+"""nox sessions: tests, lint, bench, reliability."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("pytest", "benchmarks/", "--benchmark-enable", "--benchmark-autosave", *session.posargs)
+
+
+@nox.session(python="3.11")
+def reliability(session: nox.Session) -> None:
+    """Fault injection on real builds: kill -9, concurrent builds, corruption, disk full, data changes,
+    hostile inputs (tests/reliability), plus the parity gate's fault tests (tests/test_verify.py)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/reliability", "tests/test_verify.py", "--durations=10", *session.posargs)

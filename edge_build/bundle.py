@@ -24,6 +24,12 @@ SCHEMA = 1
 REPORT_FILES = frozenset({"report.html", "report.md"})
 
 
+def _unlisted_by_design(relative: str) -> bool:
+    """The report files, and the temp file of a report write that a `kill -9` interrupted (`.report.html.*.tmp`)."""
+    temporary = relative.startswith(".") and relative.endswith(".tmp") and "/" not in relative
+    return relative in REPORT_FILES or (temporary and any(relative.startswith(f".{r}.") for r in REPORT_FILES))
+
+
 def staging_dir(target_dir: Path) -> Path:
     """A fresh sibling directory to assemble a bundle in."""
     staging = target_dir.with_name(f".{target_dir.name}.staging")
@@ -44,7 +50,7 @@ def write_manifest(staging: Path, details: dict[str, Any]) -> Path:
     files = [
         {"path": str(path.relative_to(staging)), **file_entry(path)}
         for path in sorted(staging.rglob("*"))
-        if path.is_file() and path.name != MANIFEST and path.relative_to(staging).as_posix() not in REPORT_FILES
+        if path.is_file() and path.name != MANIFEST and not _unlisted_by_design(path.relative_to(staging).as_posix())
     ]
     manifest = {
         "schema": SCHEMA,
@@ -86,6 +92,9 @@ def check_bundle(directory: Path) -> BundleCheck:
     problems = []
     for relative, entry in listed.items():
         path = directory / relative
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            problems.append(f"{relative}: names a path outside the bundle")
+            continue
         if not path.is_file():
             problems.append(f"{relative}: missing")
             continue
@@ -94,6 +103,6 @@ def check_bundle(directory: Path) -> BundleCheck:
             problems.append(f"{relative}: content changed (sha256 {actual['sha256'][:12]} != {entry['sha256'][:12]})")
     for path in sorted(directory.rglob("*")):
         relative = str(path.relative_to(directory))
-        if path.is_file() and path.name != MANIFEST and relative not in listed and relative not in REPORT_FILES:
+        if path.is_file() and path.name != MANIFEST and relative not in listed and not _unlisted_by_design(relative):
             problems.append(f"{relative}: not listed in the manifest")
     return BundleCheck(directory, len(listed), problems)

@@ -26,6 +26,13 @@ PATH_SETTINGS: dict[str, tuple[str, str]] = {
     "calibration": ("EDGE_BUILD_CALIBRATION", "--calibration"),
 }
 
+MAX_PATH_CHARS = 4096  # PATH_MAX
+
+#: Settings edge-build writes to. Taken from a config file (project data, perhaps someone else's), they must
+#: stay inside the project, i.e. the config file's directory; inputs (data, weights, targets) may be anywhere,
+#: and an option or environment variable (the user's own choice) may point anywhere.
+OUTPUT_SETTINGS = ("build", "dist", "calibration")
+
 _BUILTIN_DEFAULTS = {
     "data": "../shared/data/garbage_26x100",
     "weights": "../shared/weights/mobilenet_v2_1.0_224_quant.tflite",
@@ -86,6 +93,8 @@ def _read_config(path: Path) -> dict[str, str]:
         raise EdgeBuildError(f"cannot read config {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise EdgeBuildError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
+    except RecursionError:  # tomllib recurses per nesting level: `x = [[[[...` a few hundred deep
+        raise EdgeBuildError(f"{path}: nested too deeply to be a settings file", "fix the file") from None
     unknown_tables = set(data) - {"paths"}
     if unknown_tables:
         raise EdgeBuildError(f"{path}: unknown table [{sorted(unknown_tables)[0]}]", "allowed: [paths]")
@@ -95,9 +104,19 @@ def _read_config(path: Path) -> dict[str, str]:
     for key, value in paths.items():
         if key not in PATH_SETTINGS:
             raise EdgeBuildError(f"{path}: unknown key paths.{key}", f"allowed: {', '.join(PATH_SETTINGS)}")
-        if not isinstance(value, str) or not value or "\x00" in value:
-            raise EdgeBuildError(f"{path}: paths.{key} must be a non-empty string path")
+        if not isinstance(value, str) or not value or "\x00" in value or len(value) > MAX_PATH_CHARS:
+            raise EdgeBuildError(f"{path}: paths.{key} must be a non-empty path of at most {MAX_PATH_CHARS} chars")
     return paths
+
+
+def _require_inside(config_file: Path | None, name: str, value: str, base: Path) -> None:
+    resolved = (base / value).resolve()
+    if not resolved.is_relative_to(base.resolve()):
+        env, option = PATH_SETTINGS[name]
+        raise EdgeBuildError(
+            f"{config_file}: paths.{name} = {value!r} points outside the project ({resolved})",
+            f"edge-build writes there; keep it inside {base}, or pass {option} / set {env} to choose it yourself",
+        )
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,8 @@ def load_settings(overrides: dict[str, str | os.PathLike[str] | None] | None = N
             path, source = Path(os.environ[env]), f"the {env} environment variable"
         elif name in file_values:
             path, source = base / file_values[name], f"paths.{name} in {config_file}"
+            if name in OUTPUT_SETTINGS:
+                _require_inside(config_file, name, file_values[name], base)
         else:
             path, source = base / _BUILTIN_DEFAULTS[name], "the built-in default"
         resolved[name] = SettingPath(name, Path(os.path.abspath(path)), source)

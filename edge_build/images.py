@@ -38,9 +38,10 @@ def _open_checked(path: Path) -> Image.Image:
         raise ImageError(f"{path}: permission denied", "make the file readable (chmod a+r)") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not an image file PIL can read", "delete it or replace it with a JPEG/PNG") from exc
-    except OSError as exc:
+    except (OSError, ValueError, SyntaxError) as exc:  # ValueError: e.g. a zTXt/iCCP chunk inflating past PIL's limit
+        reason = getattr(exc, "strerror", None) or exc
         raise ImageError(
-            f"{path}: image data is corrupt or truncated ({exc.strerror or exc})", "re-export or delete the file"
+            f"{path}: image data is corrupt or truncated ({reason})", "re-export or delete the file"
         ) from exc
     width, height = image.size
     if width * height > MAX_PIXELS:

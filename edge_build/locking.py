@@ -13,6 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from edge_build import atomic
 from edge_build.errors import EdgeBuildError
 
 
@@ -32,7 +33,7 @@ def build_lock(build_dir: Path, wait_s: float = 0.0) -> Iterator[None]:
             "wait for it to finish, or pass --wait SECONDS to queue behind it",
         ) from None
     try:
-        owner_path.write_text(str(os.getpid()))
+        atomic.write_text(owner_path, str(os.getpid()))
         yield
     finally:
         lock.release()

@@ -4,7 +4,8 @@ A stage describes what it reads (`inputs`: content hashes, settings) and writes 
 outputs into its own directory. Its record (`record.json`) stores the inputs'
 fingerprint and the sha256 of every output. A stage is skipped only when the
 fingerprint matches and every output still has its recorded hash: a changed input
-always reruns it, a corrupted or missing output always rebuilds it.
+always reruns it, a corrupted or missing output always rebuilds it. The record seals
+itself (`digest`: the hash of the rest of it), so a damaged record is never trusted.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ class StageResult:
         return self.directory / name
 
 
+def _sealed(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` as it reads back from JSON, plus the digest `_load_record` checks."""
+    import json
+
+    plain = json.loads(json.dumps(record, default=atomic.json_default))
+    return {**plain, "digest": fingerprint(plain)}
+
+
 def _load_record(directory: Path) -> dict[str, Any] | None:
     import json
 
@@ -43,7 +52,10 @@ def _load_record(directory: Path) -> dict[str, Any] | None:
         record = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("schema") == SCHEMA else None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        return None
+    digest = record.pop("digest", None)
+    return record if digest == fingerprint(record) else None
 
 
 def is_fresh(directory: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
@@ -82,6 +94,8 @@ def run_stage(
     # A stale record must not survive a failed rerun: remove it before producing.
     (directory / RECORD_NAME).unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.rglob(".*.tmp"):  # a killed writer's; commands hold the build lock while they run stages
+        leftover.unlink(missing_ok=True)
     EXECUTIONS.append(name)
     info = produce(directory) or {}
     outputs = {
@@ -97,7 +111,7 @@ def run_stage(
         "outputs": outputs,
         "info": info,
     }
-    atomic.write_json(directory / RECORD_NAME, record)
+    atomic.write_json(directory / RECORD_NAME, _sealed(record))
     return StageResult(name, directory, ran=True, info=info)
 
 
