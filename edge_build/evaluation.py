@@ -202,7 +202,8 @@ def evaluate(
                 f"({len(leaks['same_file'])} same file, {len(leaks['same_pixels'])} same pixels, "
                 f"{len(leaks['near_duplicate'])} near-duplicates); `edge-build doctor` lists them"
             )
-        if agreement < 1.0:
+        # A fine-tuned backbone (`train --finetune`) no longer produces the cached frozen features.
+        if agreement < 1.0 and not ((getattr(trained, "metadata", None) or {}).get("finetune") or {}).get("blocks"):
             warnings.append(
                 f"cached features + head agree with the network on only {agreement:.1%} of the top-1 answers"
             )

@@ -23,6 +23,7 @@ import io
 import json
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ FLUSH_EVERY = 512
 MAX_SHARDS = 8
 FEATURES_DIM = 1280
 SET_INFO = "features.json"
+#: What np.load(..., allow_pickle=False) raises for bytes that are not a clean .npz (pickles included).
+NPZ_ERRORS = (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class FeatureStore:
                     pixels, phash, dhash = npz["pixel_sha256"], npz["phash"], npz["dhash"]
                 if feats.dtype != np.float32 or feats.ndim != 2 or not len(shas) == len(feats) == len(phash):
                     raise ValueError("unexpected shapes")
-            except (ValueError, KeyError, OSError) as exc:
+            except NPZ_ERRORS as exc:
                 self.damaged.append(f"{shard.name} ({exc})")
                 shard.unlink(missing_ok=True)
                 continue
@@ -389,7 +392,7 @@ def _read_split(path: Path, split: str) -> SplitFeatures:
                 phash=npz["phash"],
                 dhash=npz["dhash"],
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except NPZ_ERRORS as exc:
         raise EdgeBuildError(f"{path}: unreadable feature file ({exc})", "run `edge-build features` again") from exc
 
 

@@ -36,6 +36,16 @@ def perceptual_hashes(rgb: np.ndarray) -> tuple[int, int]:
     return int(str(imagehash.phash(gray)), 16), int(str(imagehash.dhash(gray)), 16)
 
 
+def mirrored_hashes(rgb: np.ndarray) -> tuple[int, int]:
+    """pHash and dHash of the image mirrored left-right.
+
+    The shared training split holds mirrored copies of photos (94 pairs), which the
+    perceptual hashes of the images themselves do not relate: an image whose mirrored
+    hashes are near another image's hashes is a near-duplicate of it (`mirrored_pairs`).
+    """
+    return perceptual_hashes(np.ascontiguousarray(rgb[:, ::-1]))
+
+
 def _popcount64(values: np.ndarray) -> np.ndarray:
     as_bytes = np.ascontiguousarray(values, dtype=np.uint64).view(np.uint8).reshape(*values.shape, 8)
     return np.unpackbits(as_bytes, axis=-1).sum(axis=-1, dtype=np.int64)
@@ -77,21 +87,45 @@ class _UnionFind:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
 
 
+def mirrored_pairs(
+    phash: Sequence[int] | np.ndarray,
+    dhash: Sequence[int] | np.ndarray,
+    mirrored_phash: Sequence[int] | np.ndarray,
+    mirrored_dhash: Sequence[int] | np.ndarray,
+) -> list[tuple[int, int]]:
+    """Index pairs (i < j) where one image mirrored is a near-duplicate of the other (the doctor's bounds)."""
+    phash, dhash = (np.asarray([int(h) for h in hashes], dtype=np.uint64) for hashes in (phash, dhash))
+    mirrored = [np.asarray([int(h) for h in hashes], dtype=np.uint64) for hashes in (mirrored_phash, mirrored_dhash)]
+    pairs: set[tuple[int, int]] = set()
+    block = 256  # bounds memory to block x N distances
+    for start in range(0, len(phash), block):
+        close = _popcount64(mirrored[0][start : start + block, None] ^ phash[None, :]) <= NEAR_PHASH_MAX
+        close &= _popcount64(mirrored[1][start : start + block, None] ^ dhash[None, :]) <= NEAR_DHASH_MAX
+        for i, j in zip(*np.nonzero(close), strict=True):
+            a, b = int(start + i), int(j)
+            if a != b:
+                pairs.add((min(a, b), max(a, b)))
+    return sorted(pairs)
+
+
 def duplicate_groups(
     *content_keys: Sequence[str],
     phash: Sequence[int] | np.ndarray | None = None,
     dhash: Sequence[int] | np.ndarray | None = None,
+    mirrored_phash: Sequence[int] | np.ndarray | None = None,
+    mirrored_dhash: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Group id per image (0..G-1, in order of first appearance).
 
     Images sharing any value in any of `content_keys` (e.g. file sha256, decoded-pixel
     sha256) are one group; with perceptual hashes (`phash` and `dhash`), near-duplicates
-    join too (`near_duplicate_pairs`). Grouping is transitive.
+    join too (`near_duplicate_pairs`), and with the mirrored images' hashes as well,
+    mirrored copies (`mirrored_pairs`). Grouping is transitive.
     """
     if not content_keys:
         raise ValueError("duplicate_groups needs at least one sequence of content keys")
     size = len(content_keys[0])
-    hashes = [h for h in (phash, dhash) if h is not None]
+    hashes = [h for h in (phash, dhash, mirrored_phash, mirrored_dhash) if h is not None]
     if any(len(keys) != size for keys in (*content_keys, *hashes)):
         raise ValueError("every key sequence must have one entry per image")
     groups = _UnionFind(size)
@@ -102,6 +136,9 @@ def duplicate_groups(
     if phash is not None and dhash is not None:
         for a, b in near_duplicate_pairs(phash, dhash):
             groups.union(a, b)
+        if mirrored_phash is not None and mirrored_dhash is not None:
+            for a, b in mirrored_pairs(phash, dhash, mirrored_phash, mirrored_dhash):
+                groups.union(a, b)
     roots = [groups.find(i) for i in range(size)]
     renumber: dict[int, int] = {}
     return np.array([renumber.setdefault(root, len(renumber)) for root in roots], dtype=np.int64)

@@ -159,11 +159,12 @@ def _run_stages(
     progress.enter("features")
     features = extract_features(data_root, imported, build, progress=False, log=log)
 
-    progress.enter("train")
-    training = train_head(features, imported, build, TrainOptions(search=options.search), progress=False, log=log)
     if options.finetune:
-        progress.enter("finetune")
-        _finetune(settings, options, data_root, imported, features, log)
+        progress.enter("finetune")  # trains its own head first, then the backbone's last stages
+        training = _finetune(settings, options, data_root, imported, features, log)
+    else:
+        progress.enter("train")
+        training = train_head(features, imported, build, TrainOptions(search=options.search), progress=False, log=log)
 
     progress.enter("eval")
     evaluation = evaluate(features, data_root, build, progress=False, log=log)
@@ -211,7 +212,9 @@ def _failed_artifacts(parity: dict[str, Any]) -> str:
     return ", ".join(failed) or "see the report"
 
 
-def _finetune(settings: Settings, options: BuildOptions, data_root: Path, imported: Any, features: Any, log: Log):
+def _finetune(
+    settings: Settings, options: BuildOptions, data_root: Path, imported: Any, features: Any, log: Log
+) -> Any:
     from edge_build import finetune
 
     return finetune.finetune_stage(
