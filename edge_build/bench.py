@@ -595,7 +595,7 @@ def _subjects(
         reference_sha256 = sha256_file(load_trained(build_dir).checkpoint)
         subjects.append(mindspore_subject(build_dir, settings, preprocessing))
     if litert_reference is not None and importlib.util.find_spec("ai_edge_litert") is None:
-        say("bench: no LiteRT reference row (ai-edge-litert is not installed: pip install 'edge-build[test]')")
+        say("bench: no LiteRT reference row (ai-edge-litert is not installed: pip install ai-edge-litert)")
         litert_reference = None
     if litert_reference is not None:
         if not Path(litert_reference).is_file():
