@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge_build.cli.common import path_options, settings_from
+from edge_build.cli.common import parse_artifact_options, path_options, settings_from, target_artifacts
 from edge_build.errors import CheckFailed, EdgeBuildError
 
 HISTORY_ENV = "EDGE_BUILD_HISTORY"
@@ -20,31 +20,6 @@ def _history_dir(option: str | None, config_file: Path | None) -> Path:
     if os.environ.get(HISTORY_ENV):
         return Path(os.environ[HISTORY_ENV])
     return (config_file.parent if config_file else Path.cwd()) / "benchmarks" / "history"
-
-
-def _parse_artifacts(values: tuple[str, ...]) -> dict[str, Path]:
-    artifacts = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise EdgeBuildError(f"--artifact {value!r} is not NAME=PATH", "e.g. --artifact onnx_int8=build/x.onnx")
-        artifacts[name] = Path(path)
-    return artifacts
-
-
-def _target_artifacts(target: object, build_dir: Path) -> dict[str, Path]:
-    """The target's artifacts as the build stages published them (`<build>/*/artifacts.json`)."""
-    from edge_build.export import find_artifacts
-
-    found = find_artifacts(build_dir, target=target.name)  # type: ignore[attr-defined]
-    wanted = list(target.artifacts)  # type: ignore[attr-defined]
-    missing = [name for name in wanted if name not in found]
-    if missing:
-        raise EdgeBuildError(
-            f"target '{target.name}' artifacts not built in {build_dir}: {', '.join(missing)}",  # type: ignore[attr-defined]
-            f"run `edge-build all --target {target.name}` first, or pass --artifact NAME=PATH",  # type: ignore[attr-defined]
-        )
-    return {name: found[name] for name in wanted}
 
 
 def _trained_reference(build_dir: Path) -> tuple[Path | None, object | None, str | None]:
@@ -111,7 +86,7 @@ def bench(
     target = load_target(target_name, settings["targets"].require_dir("target profile directory"))
     check_device(BenchSettings.from_target(target))  # before anything else: no GPU, no GPU latency
     build_dir = settings.build_dir
-    artifacts = _parse_artifacts(extra) or _target_artifacts(target, build_dir)
+    artifacts = parse_artifact_options(extra) or target_artifacts(target, build_dir)
 
     def say(message: str) -> None:
         click.echo(message, err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -34,3 +35,37 @@ def settings_from(kwargs: dict[str, Any]) -> Settings:
     """Build Settings from the `<name>_path` options that `path_options` added."""
     overrides = {key[: -len("_path")]: value for key, value in kwargs.items() if key.endswith("_path")}
     return load_settings(overrides)
+
+
+def parse_artifact_options(values: tuple[str, ...]) -> dict[str, Path]:
+    """`--artifact KIND=PATH` options -> {kind: path}."""
+    from edge_build.errors import EdgeBuildError
+
+    artifacts = {}
+    for value in values:
+        kind, sep, path = value.partition("=")
+        if not sep or not kind or not path:
+            raise EdgeBuildError(f"--artifact {value!r} is not KIND=PATH", "e.g. --artifact onnx_int8=build/x.onnx")
+        artifacts[kind] = Path(path)
+    return artifacts
+
+
+def target_artifacts(profile: Any, build_dir: Path, with_variants: bool = False) -> dict[str, Path]:
+    """The target's artifacts as its build stages published them (`<build>/*/artifacts.json`).
+
+    `with_variants` adds the optional export variants (`onnx_fp32_softmax`, ...) when they were built.
+    """
+    from edge_build.errors import EdgeBuildError
+    from edge_build.export import find_artifacts
+
+    found = find_artifacts(build_dir, target=profile.name)
+    missing = [name for name in profile.artifacts if name not in found]
+    if missing:
+        raise EdgeBuildError(
+            f"target '{profile.name}': artifacts not built in {build_dir}: {', '.join(missing)}",
+            f"run `edge-build all --target {profile.name}` first, or pass --artifact KIND=PATH",
+        )
+    chosen = {name: found[name] for name in profile.artifacts}
+    if with_variants:
+        chosen.update({kind: path for kind, path in found.items() if kind.startswith("onnx_fp32_")})
+    return chosen

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edge_build.cli.common import path_options, settings_from
+from edge_build.cli.common import parse_artifact_options, path_options, settings_from, target_artifacts
 from edge_build.errors import CheckFailed, EdgeBuildError
 
 
@@ -45,32 +45,6 @@ def export(softmax: bool, embed_preprocessing: bool, force: bool, **paths: Any) 
     for kind, path in artifacts.items():
         size = path.stat().st_size / 1e6
         click.echo(f"{kind.ljust(width)}  {path}  {size:.1f} MB  sha256 {sha256_file(path)[:16]}")
-
-
-def _parse_artifacts(values: tuple[str, ...]) -> dict[str, Path]:
-    artifacts = {}
-    for value in values:
-        kind, sep, path = value.partition("=")
-        if not sep or not kind or not path:
-            raise EdgeBuildError(f"--artifact {value!r} is not KIND=PATH", "e.g. --artifact onnx_fp32=build/x.onnx")
-        artifacts[kind] = Path(path)
-    return artifacts
-
-
-def _target_artifacts(profile: Any, build_dir: Path) -> dict[str, Path]:
-    from edge_build.export import find_artifacts
-
-    found = find_artifacts(build_dir, target=profile.name)
-    missing = [name for name in profile.artifacts if name not in found]
-    if missing:
-        raise EdgeBuildError(
-            f"target '{profile.name}': artifacts not built in {build_dir}: {', '.join(missing)}",
-            f"run `edge-build all --target {profile.name}` (or `edge-build export`) first",
-        )
-    chosen = {name: found[name] for name in profile.artifacts}
-    # the optional export variants ride along when they were built
-    chosen.update({kind: path for kind, path in found.items() if kind.startswith("onnx_fp32_")})
-    return chosen
 
 
 def _github_summary(text: str) -> Path:
@@ -133,7 +107,9 @@ def verify(
         from edge_build.targets import load_target
 
         profile = load_target(target_name, settings["targets"].require_dir("target profile directory"))
-    artifacts = _parse_artifacts(artifact_args) or (_target_artifacts(profile, build_dir) if profile else None)
+    artifacts = parse_artifact_options(artifact_args) or (
+        target_artifacts(profile, build_dir, with_variants=True) if profile else None
+    )
     with build_lock(build_dir):
         payload = parity.stage(
             build_dir,
