@@ -271,7 +271,7 @@ def _cached_ort(onnx_path: Path, out_dir: Path, log: Log) -> Path:
         atomic.write_json(directory / ARTIFACTS_FILE, {"schema": ARTIFACTS_SCHEMA, "artifacts": listing})
         return {"file": ort_file.name}
 
-    result = run_stage("ort", out_dir, {"onnx": sha256_file(onnx_path)}, produce, log=log)
+    result = run_stage("ort", out_dir, {"onnx": sha256_file(onnx_path), "publishes": ARTIFACTS_FILE}, produce, log=log)
     return out_dir / result.info["file"]
 
 
