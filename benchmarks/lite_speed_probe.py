@@ -9,6 +9,10 @@ p50 over all timed runs, the ratio to LiteRT's p50, and the median of per-round 
     python benchmarks/lite_speed_probe.py --model build/export/network.onnx
     python benchmarks/lite_speed_probe.py --model M.onnx --rounds 30 --iters 50 --json probe.json
 
+Every subject runs in its own process, stopped (SIGSTOP) while the others are timed:
+in one process, ONNX Runtime's spinning worker threads of the session timed last keep
+stealing the cores from the next subject (LiteRT measured 2x slower that way).
+
 The variants (all QDQ, uint8 activations, int8 per-channel weights, MinMax calibration
 on the committed calibration list, after quant_pre_process):
   float_in        float NCHW input (the input quantized inside the graph)
@@ -177,26 +181,74 @@ def litert_subject(threads: int, image: np.ndarray, invoke_only: bool = False) -
     return run
 
 
-def measure(subjects: dict[str, Callable[[], object]], rounds: int, iters: int, warmup: int) -> dict[str, dict]:
+def _make_subject(spec: tuple, threads: int) -> Callable[[], object]:
+    from edge_build.images import load_rgb
+
+    kind, path, size, bound = spec
+    image = Preprocessing(size=size).resize_rgb(load_rgb(REPO.parent / "shared" / "weights" / "parrot.jpg"))
+    if kind == "litert":
+        return litert_subject(threads, image, invoke_only=bound)
+    return ort_subject(Path(path), threads, image, bound=bound)
+
+
+def _child(connection, spec: tuple, threads: int) -> None:
+    """One subject per process: runs `n` calls per request and sends back the times (ms)."""
+    function = _make_subject(spec, threads)
+    connection.send("ready")
+    while True:
+        count = connection.recv()
+        if count is None:
+            return
+        timings = []
+        for _ in range(count):
+            start = time.perf_counter()
+            function()
+            timings.append((time.perf_counter() - start) * 1e3)
+        connection.send(timings)
+
+
+def measure(subjects: dict[str, tuple], threads: int, rounds: int, iters: int, warmup: int) -> dict[str, dict]:
+    """Each subject in its own process; only the one being timed runs, the others are stopped (SIGSTOP),
+    so no runtime's idle spinning threads steal the cores from the next subject."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    children = {}
+    for name, spec in subjects.items():
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_child, args=(child_end, spec, threads), daemon=True)
+        process.start()
+        if parent_end.recv() != "ready":
+            raise RuntimeError(f"{name} did not start")
+        os.kill(process.pid, signal.SIGSTOP)
+        children[name] = (process, parent_end)
+
+    def request(name: str, count: int) -> list[float]:
+        process, connection = children[name]
+        os.kill(process.pid, signal.SIGCONT)
+        connection.send(count)
+        timings = connection.recv()
+        os.kill(process.pid, signal.SIGSTOP)
+        return timings
+
     times: dict[str, list[float]] = {name: [] for name in subjects}
     round_medians: dict[str, list[float]] = {name: [] for name in subjects}
     names = list(subjects)
-    for function in subjects.values():
-        for _ in range(warmup):
-            function()
-    for index in range(rounds):
-        order = names[index % len(names) :] + names[: index % len(names)]
-        for name in order:
-            function = subjects[name]
-            for _ in range(3):
-                function()
-            batch = []
-            for _ in range(iters):
-                start = time.perf_counter()
-                function()
-                batch.append((time.perf_counter() - start) * 1e3)
-            times[name] += batch
-            round_medians[name].append(statistics.median(batch))
+    try:
+        for name in names:
+            request(name, warmup)
+        for index in range(rounds):
+            order = names[index % len(names) :] + names[: index % len(names)]
+            for name in order:
+                batch = request(name, iters + 3)[3:]  # the first calls re-warm caches after the switch
+                times[name] += batch
+                round_medians[name].append(statistics.median(batch))
+    finally:
+        for process, connection in children.values():
+            os.kill(process.pid, signal.SIGCONT)
+            connection.send(None)
+            process.join(timeout=10)
     reference = "litert"
     result = {}
     for name in names:
@@ -255,8 +307,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    from edge_build.images import load_rgb
-
     with tempfile.TemporaryDirectory(prefix="lite-probe-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
@@ -270,20 +320,16 @@ def main() -> None:
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
         quality = accuracy(variants, args.model, args.data)
-        photo = load_rgb(REPO.parent / "shared" / "weights" / "parrot.jpg")
-        image = Preprocessing().resize_rgb(photo)
-        subjects = {"litert": litert_subject(args.threads, image)}
-        subjects.update({name: ort_subject(path, args.threads, image) for name, path in variants.items()})
+        subjects: dict[str, tuple] = {"litert": ("litert", None, 224, False)}
+        subjects.update({name: ("ort", str(path), 224, False) for name, path in variants.items()})
         for size in [int(s) for s in args.sizes.split(",") if s]:
             path = build_lite_at(args.model, size, work, args.data, args.calibration)
-            subjects[f"lite_{size}.ort"] = ort_subject(path, args.threads, Preprocessing(size=size).resize_rgb(photo))
+            subjects[f"lite_{size}.ort"] = ("ort", str(path), size, False)
         if args.bound and "u8_gap_stem.ort" in variants:
-            subjects["litert_invoke_only"] = litert_subject(args.threads, image, invoke_only=True)
-            subjects["u8_gap_stem.ort_bound"] = ort_subject(
-                variants["u8_gap_stem.ort"], args.threads, image, bound=True
-            )
+            subjects["litert_invoke_only"] = ("litert", None, 224, True)
+            subjects["u8_gap_stem.ort_bound"] = ("ort", str(variants["u8_gap_stem.ort"]), 224, True)
         load_before = f"{os.getloadavg()[0]:.2f}"
-        timing = measure(subjects, args.rounds, args.iters, args.warmup)
+        timing = measure(subjects, args.threads, args.rounds, args.iters, args.warmup)
 
     import onnxruntime
 
