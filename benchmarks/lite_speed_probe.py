@@ -290,6 +290,16 @@ def accuracy(variants: dict[str, Path], fp32: Path, data: Path) -> dict[str, dic
     return rows
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="fp32 ONNX (opset >= 13) with edge-build metadata")
@@ -350,7 +360,8 @@ def main() -> None:
     print(f"fp32 ONNX top-1 {quality['fp32']['top1']:.2f} % on the validation split")
     if args.json:
         payload = {
-            "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+            "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "command": " ".join(["python", *sys.argv]),
             "onnxruntime": onnxruntime.__version__,
             "threads": args.threads,
             "load_average_before": float(load_before),
