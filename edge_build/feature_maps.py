@@ -36,7 +36,7 @@ from edge_build import atomic, network
 from edge_build.augment import Augmentation, augment_view
 from edge_build.dataset import ImageRef
 from edge_build.errors import CheckFailed, EdgeBuildError
-from edge_build.features import NPZ_ERRORS, FeatureStore, _encode_npz
+from edge_build.features import NPZ_ERRORS, PARITY_MIN_COSINE, FeatureStore, _encode_npz, write_sample_parity
 from edge_build.hashing import fingerprint, sha256_bytes
 from edge_build.images import load_rgb
 from edge_build.stages import run_stage
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 #: Bump when what a cached map means changes.
 MAPS_VERSION = 1
 RUNTIMES = ("auto", "onnxruntime", "mindspore")
-PARITY_MIN_COSINE = 0.9999
 PARITY_SAMPLE = 8
 BATCH_IMAGES = 8  # images per frozen-part batch (x views each)
 FLUSH_EVERY = 512  # entries per new shard while computing
@@ -149,11 +148,6 @@ def frozen_cell(weights: ImportedWeights, start: int) -> Any:
     return cell
 
 
-def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    a, b = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-
-
 def _prepare_onnx(
     weights: ImportedWeights, build_dir: Path, start: int, sample: list[ImageRef]
 ) -> tuple[Path, dict[str, Any]]:
@@ -180,16 +174,7 @@ def _prepare_onnx(
         batch = weights.preprocessing.prepare_batch([ref.path for ref in sample])
         reference = cell(network._cells().ms.Tensor(batch)).asnumpy()
         candidate = OnnxRunner(onnx_path, threads=_threads(), spinning=False).run(batch)
-        cosine = _cosines(reference, candidate)
-        parity = {
-            "images": [ref.key for ref in sample],
-            "min_cosine": float(cosine.min()),
-            "max_abs": float(np.abs(reference - candidate).max()),
-            "threshold": PARITY_MIN_COSINE,
-            "passed": bool(cosine.min() >= PARITY_MIN_COSINE),
-        }
-        atomic.write_json(out / "parity.json", parity)
-        return parity
+        return write_sample_parity(out / "parity.json", reference, candidate, [ref.key for ref in sample])
 
     result = run_stage("finetune-frozen", directory, inputs, produce)
     return directory / "frozen.onnx", result.info
