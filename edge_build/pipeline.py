@@ -9,7 +9,7 @@ written last, also after a failure, and says what failed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,8 @@ def _target_artifacts(
             artifacts[kind] = exported[kind]
     if profile.needs_int8:
         progress.enter("quantize")
-        result = _quantize(settings, profile, data_root, exported["onnx_fp32"], log)
+        result = quantize_for_target(settings, profile, data_root, exported["onnx_fp32"], log)
+        log(f"quantize: {result.summary()}")
         if "onnx_int8" in wanted:
             artifacts["onnx_int8"] = result.int8_onnx
         if "ort_int8" in wanted:
@@ -275,17 +276,29 @@ def _cached_ort(onnx_path: Path, out_dir: Path, log: Log) -> Path:
     return out_dir / result.info["file"]
 
 
-def _quantize(settings: Settings, profile: Any, data_root: Path, fp32: Path, log: Log) -> Any:
+def quantize_for_target(
+    settings: Settings,
+    profile: Any,
+    data_root: Path,
+    fp32: Path,
+    log: Log,
+    exclude_nodes: Sequence[str] = (),
+    force: bool = False,
+) -> Any:
+    """Quantize `fp32` for `profile` with the calibration set, gated on the validation split."""
     from edge_build.calibration import ensure_calibration
     from edge_build.dataset import list_split
     from edge_build.onnx_graph import read_metadata
     from edge_build.preprocessing import Preprocessing
     from edge_build.quantize import quantize_model
 
-    preprocessing = Preprocessing.from_dict(read_metadata(fp32)["edge_build.preprocessing"])
+    metadata = read_metadata(fp32)
+    if "edge_build.preprocessing" not in metadata:
+        raise EdgeBuildError(f"{fp32}: no edge_build.preprocessing metadata", "export it with `edge-build export`")
+    preprocessing = Preprocessing.from_dict(metadata["edge_build.preprocessing"])
     calibration = ensure_calibration(settings["calibration"].path, data_root, log=log)
     val = list_split(data_root, "val")
-    result = quantize_model(
+    return quantize_model(
         fp32,
         calibration,
         preprocessing,
@@ -293,10 +306,10 @@ def _quantize(settings: Settings, profile: Any, data_root: Path, fp32: Path, log
         profile,
         [ref.path for ref in val],
         [ref.label for ref in val],
+        exclude_nodes=exclude_nodes,
+        force=force,
         log=log,
     )
-    log(f"quantize: {result.summary()}")
-    return result
 
 
 def _bench(

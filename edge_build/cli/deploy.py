@@ -105,12 +105,8 @@ def quantize(
     Fails (exit 1) when int8 top-1 drops more than the profile allows, naming the most
     sensitive nodes: retry with --exclude-nodes. Output: <build>/quantize-<target>/.
     """
-    from edge_build.calibration import ensure_calibration
-    from edge_build.dataset import list_split
     from edge_build.locking import build_lock
-    from edge_build.onnx_graph import read_metadata
-    from edge_build.preprocessing import Preprocessing
-    from edge_build.quantize import quantize_model
+    from edge_build.pipeline import quantize_for_target
     from edge_build.targets import load_target
 
     settings = settings_from(paths)
@@ -121,24 +117,9 @@ def quantize(
         raise EdgeBuildError(f"target '{profile.name}' builds no int8 artifact", "use --target lite or cpu")
     data = settings.data.require_dir("data set")
     fp32 = _fp32_model(model, settings.build_dir)
-    metadata = read_metadata(fp32)
-    if "edge_build.preprocessing" not in metadata:
-        raise EdgeBuildError(f"{fp32}: no edge_build.preprocessing metadata", "export it with `edge-build export`")
-    preprocessing = Preprocessing.from_dict(metadata["edge_build.preprocessing"])
-    val = list_split(data, "val")
     with build_lock(settings.build_dir):
-        calibration = ensure_calibration(settings["calibration"].path, data, log=_say)
-        result = quantize_model(
-            fp32,
-            calibration,
-            preprocessing,
-            settings.build_dir / f"quantize-{profile.name}",
-            profile,
-            [ref.path for ref in val],
-            [ref.label for ref in val],
-            exclude_nodes=_split_nodes(exclude),
-            force=force,
-            log=_say,
+        result = quantize_for_target(
+            settings, profile, data, fp32, _say, exclude_nodes=_split_nodes(exclude), force=force
         )
     click.echo(f"{'quantized' if result.ran else 'up to date'}: {result.int8_onnx}")
     if result.int8_ort:
