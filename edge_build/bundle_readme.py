@@ -43,7 +43,8 @@ def bundle_readme(
         f"Float models (`input`, NCHW float32): RGB, the whole image resized to {preprocessing.size}x"
         f"{preprocessing.size} ({preprocessing.resize}), "
         f"then `x * {preprocessing.scale:.10g} + {preprocessing.offset:g}`.",
-        "Models whose input is uint8 take raw RGB pixels, NHWC, 224x224: the scaling is inside the graph.",
+        f"Models whose input is uint8 take raw RGB pixels, NHWC, {preprocessing.size}x{preprocessing.size}: "
+        "the scaling is inside the graph.",
         "Output `logits` (N, 26); index i is class i of `labels.json`.",
         "",
         "## Run with ONNX Runtime",

@@ -181,10 +181,12 @@ def _prepare_onnx_backbone(
     weights: ImportedWeights, build_dir: Path, sample: list[tuple[ImageRef, str]], log: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any]]:
     """Export the backbone to ONNX and check it against MindSpore on real images (cached)."""
-    directory = Path(build_dir) / "features" / "backbone" / weights.sha256[:16]
+    pre = weights.preprocessing
+    directory = Path(build_dir) / "features" / "backbone" / f"{weights.sha256[:16]}-{pre.size}"
     inputs = {
         "weights_sha256": weights.sha256,
         "padding": weights.padding,
+        "preprocessing": pre.as_dict(),
         "sample": sorted(sha for _, sha in sample),
         "min_cosine": PARITY_MIN_COSINE,
     }
@@ -194,7 +196,6 @@ def _prepare_onnx_backbone(
         from edge_build.runners import MindSporeRunner, OnnxRunner
 
         _cap_threads()
-        pre = weights.preprocessing
         backbone = weights.load_backbone(fold_bn=True)
         onnx_path = export_backbone_onnx(backbone, out / "backbone.onnx", size=pre.size)
         batch = pre.prepare_batch([ref.path for ref, _ in sample])
@@ -410,8 +411,12 @@ def extract_features(
     progress: bool = True,
     runtime: str = "auto",
     log: Callable[[str], None] | None = None,
+    set_dir: Path | None = None,
 ) -> FeatureSet:
-    """Features of every image of `splits`, computing only images the cache does not hold."""
+    """Features of every image of `splits`, computing only images the cache does not hold.
+
+    The per-split arrays go to `set_dir` (default build/features/set, what `load_features` reads).
+    """
     log = log or (lambda message: None)
     listing = _list_images(Path(data_root), splits)
     every = [item for split in splits for item in listing[split]]
@@ -426,7 +431,7 @@ def extract_features(
     }
     key = fingerprint(key_payload)
     store = FeatureStore(Path(build_dir) / "features" / "cache" / key[:16])
-    set_dir = Path(build_dir) / "features" / "set"
+    set_dir = Path(set_dir) if set_dir is not None else Path(build_dir) / "features" / "set"
     inputs = {
         "key": key,
         "splits": {split: [[ref.key, sha] for ref, sha in listing[split]] for split in splits},

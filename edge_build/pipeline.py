@@ -136,6 +136,7 @@ def _run_stages(
     from edge_build.doctor import run_doctor
     from edge_build.evaluation import evaluate
     from edge_build.features import extract_features
+    from edge_build.resolution import choose_resolution
     from edge_build.training import TrainOptions, train_head
     from edge_build.weights import import_weights
 
@@ -155,6 +156,13 @@ def _run_stages(
 
     progress.enter("weights")
     imported = import_weights(weights_file, build)
+
+    resolution = None
+    if len(set(profile.resolution.candidates)) > 1:
+        progress.enter("resolution")
+        resolution = choose_resolution(data_root, imported, build, profile, log=log)
+        log(f"resolution: {resolution.summary()}")
+        imported = imported.at_size(resolution.size)
 
     progress.enter("features")
     features = extract_features(data_root, imported, build, progress=False, log=log)
@@ -201,8 +209,9 @@ def _run_stages(
             "eval.json": build / "eval" / "eval.json",
             "parity.json": verify_dir / "parity.json",
             "bench.json": bench_json,
+            "resolution.json": resolution.path if resolution else None,
         },
-        metrics=_headline(evaluation, parity, artifacts),
+        metrics=_headline(evaluation, parity, artifacts, imported.preprocessing.size),
         log=log,
     )
 
@@ -333,10 +342,13 @@ def _bench(
     return out_dir / "bench.json"
 
 
-def _headline(evaluation: dict[str, Any], parity: dict[str, Any], artifacts: dict[str, Path]) -> dict[str, Any]:
+def _headline(
+    evaluation: dict[str, Any], parity: dict[str, Any], artifacts: dict[str, Path], input_size: int
+) -> dict[str, Any]:
     headline = {
         key: evaluation.get(key) for key in ("top1", "top5", "bin_accuracy", "n") if evaluation.get(key) is not None
     }
+    headline["input_size"] = input_size
     headline["parity"] = parity.get("verdict")
     headline["artifacts"] = sorted(artifacts)
     return headline

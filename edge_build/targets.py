@@ -12,7 +12,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,18 @@ class Quantization:
 
 @dataclass(frozen=True)
 class Resolution:
+    """Input sizes a build may ship; `size` is the reference the accuracy cost is measured against.
+
+    With several candidates the build ships the smallest (fastest) one whose cross-validated
+    top-1 is at most `max_accuracy_drop_pt` below the reference's (`edge_build.resolution`).
+    """
+
     size: int = 224
     candidates: tuple[int, ...] = (224,)
+    max_accuracy_drop_pt: float | None = None  # None: [budget].max_accuracy_drop_pt
+
+    def max_drop_pt(self, budget: Budget) -> float:
+        return budget.max_accuracy_drop_pt if self.max_accuracy_drop_pt is None else self.max_accuracy_drop_pt
 
 
 DEFAULT_PARITY: dict[str, Tolerance] = {
@@ -232,6 +242,7 @@ _SCHEMA: dict[str, dict[str, Check]] = {
     "resolution": {
         "size": _number(32, 1024, integer=True),
         "candidates": _list(_number(32, 1024, integer=True), "input sizes"),
+        "max_accuracy_drop_pt": _number(0, 100),
     },
 }
 _TOLERANCE_KEYS: dict[str, Check] = {
@@ -311,7 +322,14 @@ def parse_target(source: Path, data: dict[str, Any]) -> TargetProfile:
                 f"{source}: resolution.size = {resolution.size} is not among resolution.candidates",
                 f"allowed: one of {list(resolution.candidates)}",
             )
-        resolution = Resolution(size=resolution.size, candidates=(resolution.size,))
+        resolution = replace(resolution, candidates=(resolution.size,))
+    odd = [size for size in (resolution.size, *resolution.candidates) if size % 32]
+    if odd:
+        # Five stride-2 stages: other sizes reach an odd feature map, where TF SAME padding shifts side.
+        raise EdgeBuildError(
+            f"{source}: resolution size {odd[0]} is not a multiple of 32",
+            "MobileNetV2 halves the image five times; use 96, 128, 160, 192, 224, 256, ...",
+        )
     quantization = Quantization(**sections["quantization"])
     if quantization.input_format == "uint8_nhwc" and quantization.activation_type != "uint8":
         raise EdgeBuildError(

@@ -36,7 +36,7 @@ from edge_build.schedules import SCHEDULES, build_lr
 from edge_build.stages import run_stage
 
 if TYPE_CHECKING:
-    from edge_build.features import FeatureSet
+    from edge_build.features import FeatureSet, SplitFeatures
     from edge_build.weights import ImportedWeights
 
 STAGE = "train"
@@ -389,20 +389,42 @@ def choose(
     return best, (base_row if keep_base else best), comparison
 
 
+def cv_folds(train: SplitFeatures, options: TrainOptions) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """(duplicate group per image, training indices per fold, held-out indices per fold).
+
+    Exact copies and near-duplicates share a group and a group never straddles folds; the
+    assignment depends only on the images and the seed, so features of the same images at
+    another size or from another backbone get the same folds.
+    """
+    from edge_build.folds import duplicate_groups, grouped_folds
+
+    groups = duplicate_groups(train.sha256, train.pixel_sha256, phash=train.phash, dhash=train.dhash)
+    fold_of = grouped_folds(train.labels, groups, options.folds, options.seed)
+    train_sets = [np.flatnonzero(fold_of != f) for f in range(options.folds)]
+    held_out = [np.flatnonzero(fold_of == f) for f in range(options.folds)]
+    return groups, train_sets, held_out
+
+
+def out_of_fold_correct(train: SplitFeatures, options: TrainOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each training image is classified right by the head of the fold that held it out, its group)."""
+    groups, train_sets, held_out = cv_folds(train, options)
+    weights, biases = _train_many(train.features, train.labels, train_sets, [options])
+    correct = np.zeros(len(train), dtype=bool)
+    for f, held in enumerate(held_out):
+        logits = train.features[held] @ weights[f, 0].T + biases[f, 0]
+        correct[held] = logits.argmax(axis=1) == train.labels[held]
+    return correct, groups
+
+
 def cross_validate(
     features: FeatureSet, options: TrainOptions, log: Callable[[str], None], progress: bool = True
 ) -> tuple[dict[str, Any], TrainOptions]:
     """k-fold CV over the search grid on the training split: (the record with the CV table, the chosen options)."""
     from tqdm import tqdm
 
-    from edge_build.folds import duplicate_groups, grouped_folds
-
     started = time.perf_counter()
     train = features["train"]
-    groups = duplicate_groups(train.sha256, train.pixel_sha256, phash=train.phash, dhash=train.dhash)
-    fold_of = grouped_folds(train.labels, groups, options.folds, options.seed)
-    train_sets = [np.flatnonzero(fold_of != f) for f in range(options.folds)]
-    held_out = [np.flatnonzero(fold_of == f) for f in range(options.folds)]
+    groups, train_sets, held_out = cv_folds(train, options)
     candidates = search_grid(options)
     by_epochs: dict[tuple[int, int], list[TrainOptions]] = {}
     for candidate in candidates:

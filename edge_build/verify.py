@@ -481,6 +481,8 @@ class Localization:
                     f"first layer whose error jumps: {where}: rel err {bad.rel_err:.2e} (layers before: "
                     f"<= {before:.2e}), max abs {bad.max_abs:.3g}, cosine {bad.cosine:.6f} on {self.image}"
                 )
+            elif bad.index == 0:  # nothing compared: the artifact's layers do not line up with the network's
+                parts.append("no per-layer localization: the artifact's first layer does not match the network's")
             else:
                 parts.append(f"first layer whose output differs: {where}")
         elif self.layers:

@@ -14,7 +14,7 @@ Outputs, in build/weights/<sha256[:16]>/ (cached by the source's sha256 via run_
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,13 @@ class ImportedWeights:
     def label_offset(self) -> int:
         """Logit index of ImageNet class 0 (1 when logit 0 is 'background')."""
         return int(self.metadata["label_offset"])
+
+    def at_size(self, size: int) -> ImportedWeights:
+        """The same weights fed `size` x `size` images (MobileNetV2 is fully convolutional)."""
+        if size == self.preprocessing.size:
+            return self
+        preprocessing = {**self.metadata["preprocessing"], "size": int(size)}
+        return replace(self, metadata={**self.metadata, "preprocessing": preprocessing})
 
     def load_backbone(self, fold_bn: bool = False) -> Any:
         backbone = network.build_backbone(self.padding, batch_norm=True)

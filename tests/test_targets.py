@@ -103,6 +103,8 @@ def _cli():
         (MINIMAL + "[budget]\nmax_accuracy_drop_pt = -1\n", ["budget.max_accuracy_drop_pt = -1", ">= 0"]),
         (MINIMAL + "[bench]\nbatch_sizes = [1, 1]\n", ["bench.batch_sizes", "distinct"]),
         (MINIMAL + "[resolution]\nsize = 200\ncandidates = [224]\n", ["resolution.size = 200", "[224]"]),
+        (MINIMAL + "[resolution]\ncandidates = [224, 200]\n", ["resolution size 200", "multiple of 32", "192"]),
+        (MINIMAL + "[resolution]\nmax_accuracy_drop_pt = -2\n", ["resolution.max_accuracy_drop_pt = -2", ">= 0"]),
         (
             MINIMAL + '[quantization]\ninput_format = "uint8_nhwc"\nactivation_type = "int8"\n',
             ["input_format = 'uint8_nhwc' needs quantization.activation_type = 'uint8'"],
