@@ -56,6 +56,7 @@ class QuantizeResult:
     settings: dict[str, Any]
     ran: bool = True
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # calibration methods tried before this one
 
     @property
     def size_ratio(self) -> float:
@@ -75,7 +76,9 @@ class QuantizeResult:
         return (
             f"int8 top-1 {self.int8_top1:.2f} % vs fp32 {self.fp32_top1:.2f} % on {self.val_images} validation images "
             f"(drop {self.drop_pt:+.2f} pt, max {self.max_drop_pt:g}); agreement {self.agreement:.3f}; "
-            f"size {self.int8_bytes / 1e6:.2f} MB = {self.size_ratio:.0%} of fp32"
+            f"size {self.int8_bytes / 1e6:.2f} MB = {self.size_ratio:.0%} of fp32; "
+            f"{self.settings.get('method')} calibration"
+            + (f" (after {', '.join(a['method'] for a in self.attempts)} failed the gate)" if self.attempts else "")
         )
 
 
@@ -104,7 +107,13 @@ def quantization_settings(profile: TargetProfile, exclude_nodes: Sequence[str] =
         "input_format": q.input_format,
         "exclude_nodes": sorted(set(exclude_nodes)),
         "calibration_batch": CALIBRATION_BATCH,
+        "fallback_methods": [m for m in q.fallback_methods if m != q.method],
     }
+
+
+def _with_method(settings: dict[str, Any], method: str, profile: TargetProfile) -> dict[str, Any]:
+    percentile = profile.quantization.percentile if method == "percentile" else None
+    return {**settings, "method": method, "percentile": percentile}
 
 
 # --- calibration data ------------------------------------------------------------------------------
@@ -316,10 +325,36 @@ def quantize_model(
         for stale in directory.iterdir():  # a previous run's files (another profile's .ort, a failed report)
             if stale.is_file():
                 stale.unlink()
-        result = _quantize_and_judge(
-            fp32_onnx, calibration, preprocessing, directory, profile, val_images, val_labels, settings, log
-        )
-        return _portable(result)
+        methods = [settings["method"], *settings["fallback_methods"]]
+        attempts: list[dict[str, Any]] = []
+        for number, method in enumerate(methods):
+            try:
+                result = _quantize_and_judge(
+                    fp32_onnx,
+                    calibration,
+                    preprocessing,
+                    directory,
+                    profile,
+                    val_images,
+                    val_labels,
+                    _with_method(settings, method, profile),
+                    log,
+                )
+            except AccuracyGateFailed as failed:
+                attempts.append({"method": method, "passed": False, "summary": failed.result.summary()})
+                if number + 1 == len(methods):
+                    if len(methods) > 1:
+                        earlier = "; ".join(f"{a['method']}: {a['summary']}" for a in attempts[:-1])
+                        failed.message += f"; calibration methods tried before {method}: {earlier}"
+                    raise
+                if log:
+                    log(f"quantize: {method} calibration failed the gate; trying {methods[number + 1]}")
+                continue
+            if attempts:
+                result.attempts = attempts
+                atomic.write_json(directory / REPORT, {"schema": SCHEMA, **_portable(result)})
+            return _portable(result)
+        raise AssertionError("unreachable")
 
     stage = run_stage("quantize", out_dir, inputs, produce, force=force, log=log)
     return result_from_record(stage.info, out_dir, ran=stage.ran)

@@ -77,6 +77,8 @@ class Quantization:
     weight_type: str = "int8"
     reduce_range: bool = False
     input_format: str = "float_nchw"
+    #: tried in order when `method` fails the accuracy gate (every attempt is recorded)
+    fallback_methods: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ _SCHEMA: dict[str, dict[str, Check]] = {
         "weight_type": _choice(QUANT_TYPES),
         "reduce_range": _boolean,
         "input_format": _choice(INPUT_FORMATS),
+        "fallback_methods": _list(_choice(METHODS), "calibration methods"),
     },
     "resolution": {
         "size": _number(32, 1024, integer=True),

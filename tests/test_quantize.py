@@ -235,3 +235,37 @@ def test_stem_column_grouping_is_the_same_integer_arithmetic(colour, tmp_path, p
     pixels = np.random.default_rng(1).integers(0, 256, size=(3, SIZE, SIZE, 3), dtype=np.uint8)
     plain, grouped = OnnxRunner(tmp_path / "plain.onnx"), OnnxRunner(tmp_path / "grouped.onnx")
     np.testing.assert_array_equal(grouped.run(pixels), plain.run(pixels))
+
+
+def test_a_failed_gate_falls_back_to_the_profiles_next_calibration_method(colour, tmp_path, monkeypatch):
+    from edge_build import quantize
+
+    real = quantize._quantize_and_judge
+    tried = []
+
+    def minmax_loses_accuracy(*args):
+        settings = args[7]
+        tried.append(settings["method"])
+        result = real(*args)
+        if settings["method"] == "minmax":  # as if one validation image flipped
+            result.int8_top1, result.drop_pt = result.fp32_top1 - 1.0, 1.0
+            raise AccuracyGateFailed(result, tmp_path / "report.json")
+        return result
+
+    monkeypatch.setattr(quantize, "_quantize_and_judge", minmax_loses_accuracy)
+    profile = with_quantization(load_target("cpu", TARGETS), fallback_methods=("percentile", "entropy"))
+    result = run(colour, tmp_path / "q", profile)
+    assert tried == ["minmax", "percentile"]
+    assert result.passed and result.settings["method"] == "percentile"
+    assert [a["method"] for a in result.attempts] == ["minmax"] and not result.attempts[0]["passed"]
+    assert "percentile calibration (after minmax failed the gate)" in result.summary()
+    record = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    assert record["settings"]["method"] == "percentile" and record["attempts"][0]["method"] == "minmax"
+    tried.clear()
+    again = run(colour, tmp_path / "q", profile)  # the decision is cached with the stage
+    assert not again.ran and tried == [] and again.settings["method"] == "percentile"
+
+    no_fallback = with_quantization(profile, fallback_methods=())
+    with pytest.raises(AccuracyGateFailed):
+        run(colour, tmp_path / "q2", no_fallback)
+    assert tried == ["minmax"]

@@ -112,7 +112,9 @@ def quantize(
     settings = settings_from(paths)
     profile = load_target(target_name, settings["targets"].require_dir("target profile directory"))
     if method:
-        profile = dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization, method=method))
+        # an explicit method is the only one tried
+        chosen = dataclasses.replace(profile.quantization, method=method, fallback_methods=())
+        profile = dataclasses.replace(profile, quantization=chosen)
     if not profile.needs_int8:
         raise EdgeBuildError(f"target '{profile.name}' builds no int8 artifact", "use --target lite or cpu")
     data = settings.data.require_dir("data set")
