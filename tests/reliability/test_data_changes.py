@@ -101,10 +101,15 @@ def test_changed_data_set_reruns_exactly_the_dependent_stages(reference: Referen
     run = build_all(build, dist, data=data.root, calibration=data.calibration)
     assert run.returncode == 0, str(run)
     ran = run.stdout.split("stages run: ")[1].splitlines()[0].split(", ")
-    # Not weights, not the backbone export: nothing they read changed. Everything downstream of the features did.
-    assert ran == ["features", "train", "eval", "export", "quantize", "ort", "verify"], ran
-    features = json.loads((build / "features" / "set" / "features.json").read_text())
-    assert features["computed"] == 2  # the added and the modified image, nothing else
+    # Not weights, not the backbone export: nothing they read changed. Everything downstream of the features did:
+    # the features at each resolution candidate (224, 192, 160), the choice, then the build at the chosen size.
+    resolution = ["features", "features", "features", "resolution"]
+    assert ran == [*resolution, "features", "train", "eval", "export", "quantize", "ort", "verify"], ran
+    computed = {}
+    for name in ("set-224", "set-192", "set-160", "set"):
+        computed[name] = json.loads((build / "features" / name / "features.json").read_text())["computed"]
+    # the added and the modified image, nothing else, at each size; the 224 build reuses the choice's features
+    assert computed == {"set-224": 2, "set-192": 2, "set-160": 2, "set": 0}
     assert check_bundle(dist / "lite").returncode == 0
     manifest = json.loads((dist / "lite" / "manifest.json").read_text())
     reference_manifest = json.loads((reference.dist / "lite" / "manifest.json").read_text())
