@@ -280,3 +280,19 @@ def test_child_memory_is_its_own_not_the_parents(tmp_path, models):
     row = report.result("small")
     assert ballast.sum() > 0
     assert 10 < row.baseline_rss_mb <= row.peak_rss_mb < 250
+
+
+def test_cli_does_not_bench_a_build_another_command_is_changing(tmp_path, models, tiny_data, monkeypatch):
+    from edge_build.locking import build_lock
+
+    monkeypatch.delenv("EDGE_BUILD_HISTORY", raising=False)
+    targets = _write_target(tmp_path / "targets")
+    build = tmp_path / "build"
+    args = ["bench", "--target", "quick", "--targets", str(targets), "--data", str(tiny_data), "--build", str(build)]
+    args += ["--history", str(tmp_path / "hist"), "--no-references", "--artifact", f"model={models['small']}"]
+    with build_lock(build):  # as if `edge-build all` were running in this build directory
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "another edge-build is already working in" in result.output and "--wait" in result.output
+    assert not (tmp_path / "hist").exists() and not (build / "bench").exists()
+    assert CliRunner().invoke(main, args).exit_code == 0  # once the lock is free

@@ -54,6 +54,7 @@ def _trained_reference(build_dir: Path) -> tuple[Path | None, object | None, str
     "--history", "history_option", default=None, metavar="DIR", help=f"History directory [env {HISTORY_ENV}]."
 )
 @click.option("--no-references", is_flag=True, help="Leave out the MindSpore and LiteRT reference rows.")
+@click.option("--wait", "wait_s", type=float, default=0.0, metavar="SECONDS", help="Wait for another build's lock.")
 @path_options("data", "weights", "build", "targets")
 def bench(
     target_name: str,
@@ -63,6 +64,7 @@ def bench(
     extra: tuple[str, ...],
     history_option: str | None,
     no_references: bool,
+    wait_s: float,
     **paths: str | None,
 ) -> None:
     """Benchmark every artifact of a target against the MindSpore and LiteRT references.
@@ -79,6 +81,7 @@ def bench(
         run_bench,
     )
     from edge_build.history import regressions
+    from edge_build.locking import build_lock
     from edge_build.preprocessing import Preprocessing
     from edge_build.targets import load_target
 
@@ -86,32 +89,35 @@ def bench(
     target = load_target(target_name, settings["targets"].require_dir("target profile directory"))
     check_device(BenchSettings.from_target(target))  # before anything else: no GPU, no GPU latency
     build_dir = settings.build_dir
-    artifacts = parse_artifact_options(extra) or target_artifacts(target, build_dir)
 
     def say(message: str) -> None:
         click.echo(message, err=True)
 
-    reference, preprocessing, litert = None, None, None
-    if not no_references:
-        reference, preprocessing, why = _trained_reference(build_dir)
-        if why:
-            say(f"bench: no MindSpore reference row ({why})")
-        litert = settings.weights.path.parent / LITERT_REFERENCE
-        if not litert.is_file():
-            say(f"bench: no LiteRT reference row ({litert} not found)")
-            litert = None
-    report = run_bench(
-        target,
-        artifacts,
-        reference,
-        settings.data.require_dir("data set"),
-        build_dir / "bench" / target.name,
-        _history_dir(history_option, settings.config_file),
-        litert_reference=litert,
-        preprocessing=preprocessing if isinstance(preprocessing, Preprocessing) else None,
-        force=True,
-        log=say,
-    )
+    # the artifacts must not be rebuilt under the benchmark (and bench/<target>/ is the build's)
+    with build_lock(build_dir, wait_s):
+        artifacts = parse_artifact_options(extra) or target_artifacts(target, build_dir)
+
+        reference, preprocessing, litert = None, None, None
+        if not no_references:
+            reference, preprocessing, why = _trained_reference(build_dir)
+            if why:
+                say(f"bench: no MindSpore reference row ({why})")
+            litert = settings.weights.path.parent / LITERT_REFERENCE
+            if not litert.is_file():
+                say(f"bench: no LiteRT reference row ({litert} not found)")
+                litert = None
+        report = run_bench(
+            target,
+            artifacts,
+            reference,
+            settings.data.require_dir("data set"),
+            build_dir / "bench" / target.name,
+            _history_dir(history_option, settings.config_file),
+            litert_reference=litert,
+            preprocessing=preprocessing if isinstance(preprocessing, Preprocessing) else None,
+            force=True,
+            log=say,
+        )
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
     else:
