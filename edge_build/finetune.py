@@ -60,14 +60,15 @@ import numpy as np
 
 from edge_build import network, taxonomy
 from edge_build.augment import Augmentation
-from edge_build.dataset import ImageRef
 from edge_build.errors import CheckFailed, EdgeBuildError
+from edge_build.mirrored import image_items as _items
+from edge_build.mirrored import mirrored_hashes
 from edge_build.schedules import SCHEDULES
 from edge_build.stages import run_stage
 from edge_build.training import HEAD_NAME, NETWORK_NAME, RECORD_NAME, SCHEMA, STAGE, TrainResult
 
 if TYPE_CHECKING:
-    from edge_build.features import FeatureSet, SplitFeatures
+    from edge_build.features import FeatureSet
     from edge_build.model_selection import Estimate
     from edge_build.training import TrainOptions
     from edge_build.weights import ImportedWeights
@@ -225,47 +226,6 @@ def finetune_stage(
 
     result = run_stage("finetune", run_dir, inputs, produce, force=force, log=log)
     return _publish(run_dir, Path(build_dir), result.ran, run.log)
-
-
-def _items(split: SplitFeatures, data_root: Path) -> list[tuple[ImageRef, str]]:
-    """(image, sha256) of a feature split, in its row order."""
-    items = []
-    for key, sha in zip(split.keys, split.sha256, strict=True):
-        split_name, code, _ = key.split("/", 2)
-        items.append((ImageRef(split_name, code, data_root / key), sha))
-    return items
-
-
-def mirrored_hashes(items: list[tuple[ImageRef, str]], build_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """pHash and dHash of every image mirrored (`folds.mirrored_hashes`), cached by the images' sha256.
-
-    Mirrored copies are duplicates that the images' own hashes miss; with flips among the
-    augmentations, a mirrored copy across a fold boundary would leak the held-out image.
-    """
-    from edge_build import atomic
-    from edge_build.folds import mirrored_hashes as hashes_of
-    from edge_build.images import load_rgb
-
-    directory = build_dir / "finetune" / "mirrored"
-    unique = dict((sha, ref) for ref, sha in items)
-    inputs = {"images": sorted(unique), "version": FINETUNE_VERSION}
-
-    def produce(out: Path) -> dict[str, Any]:
-        shas = sorted(unique)
-        pairs = [hashes_of(load_rgb(unique[sha].path)) for sha in shas]
-        atomic.write_npz(
-            out / "mirrored.npz",
-            sha256=np.asarray(shas, dtype="<U64"),
-            phash=np.asarray([p for p, _ in pairs], dtype=np.uint64),
-            dhash=np.asarray([d for _, d in pairs], dtype=np.uint64),
-        )
-        return {"images": len(shas)}
-
-    run_stage("finetune-mirrored-hashes", directory, inputs, produce)
-    with np.load(directory / "mirrored.npz", allow_pickle=False) as npz:
-        row = {sha: i for i, sha in enumerate(npz["sha256"].tolist())}
-        index = [row[sha] for _, sha in items]
-        return npz["phash"][index], npz["dhash"][index]
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

@@ -4,10 +4,11 @@ MobileNetV2 is fully convolutional and its cost grows with the number of pixels,
 smaller input is a faster model. For each of the profile's `resolution.candidates` the
 pretrained backbone's features of every training image are extracted at that size (the
 content-addressed feature cache keeps them), and the default head recipe is scored by
-duplicate-aware k-fold cross-validation (`training.out_of_fold_correct`: the same folds at
-every size, so the comparison is paired). The build ships the smallest candidate whose
-cross-validated top-1 is at most `max_accuracy_drop_pt` below the reference size's
-(`resolution.size`); the validation split plays no part in the choice.
+duplicate-aware k-fold cross-validation (`training.out_of_fold_correct`: exact, near and
+mirrored duplicates share a fold; the same folds at every size, so the comparison is
+paired). The build ships the smallest candidate whose cross-validated top-1 is at most
+`max_accuracy_drop_pt` below the reference size's (`resolution.size`); the validation
+split plays no part in the choice.
 
 The record (resolution.json) keeps, per size: the CV accuracy with its group-bootstrap
 interval, and the paired difference to the reference with its interval.
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from edge_build.weights import ImportedWeights
 
 RECORD = "resolution.json"
-VERSION = 1
+VERSION = 2  # 2: folds keep mirrored copies together
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,10 @@ def choose_resolution(
     }
 
     def produce(out: Path) -> dict[str, Any]:
-        record = measure(feature_sets, settings.size, max_drop, options, log)
+        from edge_build.mirrored import image_items, mirrored_hashes
+
+        mirrored = mirrored_hashes(image_items(feature_sets[settings.size]["train"], Path(data_root)), build_dir)
+        record = measure(feature_sets, settings.size, max_drop, options, log, mirrored)
         atomic.write_json(out / RECORD, record)
         return {"size": record["chosen"]}
 
@@ -115,12 +119,15 @@ def measure(
     max_drop_pt: float,
     options: Any,
     log: Callable[[str], None] = lambda message: None,
+    mirrored: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """CV accuracy per size (paired against `reference`) and the chosen size."""
     from edge_build.model_selection import estimate, paired_difference
     from edge_build.training import out_of_fold_correct
 
-    outcomes = {size: out_of_fold_correct(features["train"], options) for size, features in feature_sets.items()}
+    outcomes = {
+        size: out_of_fold_correct(features["train"], options, mirrored) for size, features in feature_sets.items()
+    }
     baseline, groups = outcomes[reference]
     rows = []
     for size, (correct, size_groups) in sorted(outcomes.items(), reverse=True):
@@ -144,6 +151,7 @@ def measure(
         "chosen": chosen,
         "images": len(baseline),
         "duplicate_groups": int(groups.max()) + 1,
+        "mirror_aware": mirrored is not None,
         "folds": options.folds,
         "recipe": options.hyperparameters(),
         "rule": (

@@ -389,25 +389,33 @@ def choose(
     return best, (base_row if keep_base else best), comparison
 
 
-def cv_folds(train: SplitFeatures, options: TrainOptions) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+Mirrored = tuple[np.ndarray, np.ndarray]  # pHash, dHash of each training image flipped (edge_build.mirrored)
+
+
+def cv_folds(
+    train: SplitFeatures, options: TrainOptions, mirrored: Mirrored | None = None
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """(duplicate group per image, training indices per fold, held-out indices per fold).
 
-    Exact copies and near-duplicates share a group and a group never straddles folds; the
-    assignment depends only on the images and the seed, so features of the same images at
-    another size or from another backbone get the same folds.
+    Exact copies and near-duplicates (mirrored ones too, given their hashes) share a group and
+    a group never straddles folds; the assignment depends only on the images and the seed, so
+    features of the same images at another size or from another backbone get the same folds.
     """
     from edge_build.folds import duplicate_groups, grouped_folds
 
-    groups = duplicate_groups(train.sha256, train.pixel_sha256, phash=train.phash, dhash=train.dhash)
+    flipped = {} if mirrored is None else {"mirrored_phash": mirrored[0], "mirrored_dhash": mirrored[1]}
+    groups = duplicate_groups(train.sha256, train.pixel_sha256, phash=train.phash, dhash=train.dhash, **flipped)
     fold_of = grouped_folds(train.labels, groups, options.folds, options.seed)
     train_sets = [np.flatnonzero(fold_of != f) for f in range(options.folds)]
     held_out = [np.flatnonzero(fold_of == f) for f in range(options.folds)]
     return groups, train_sets, held_out
 
 
-def out_of_fold_correct(train: SplitFeatures, options: TrainOptions) -> tuple[np.ndarray, np.ndarray]:
+def out_of_fold_correct(
+    train: SplitFeatures, options: TrainOptions, mirrored: Mirrored | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(whether each training image is classified right by the head of the fold that held it out, its group)."""
-    groups, train_sets, held_out = cv_folds(train, options)
+    groups, train_sets, held_out = cv_folds(train, options, mirrored)
     weights, biases = _train_many(train.features, train.labels, train_sets, [options])
     correct = np.zeros(len(train), dtype=bool)
     for f, held in enumerate(held_out):
@@ -417,14 +425,18 @@ def out_of_fold_correct(train: SplitFeatures, options: TrainOptions) -> tuple[np
 
 
 def cross_validate(
-    features: FeatureSet, options: TrainOptions, log: Callable[[str], None], progress: bool = True
+    features: FeatureSet,
+    options: TrainOptions,
+    log: Callable[[str], None],
+    progress: bool = True,
+    mirrored: Mirrored | None = None,
 ) -> tuple[dict[str, Any], TrainOptions]:
     """k-fold CV over the search grid on the training split: (the record with the CV table, the chosen options)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
     train = features["train"]
-    groups, train_sets, held_out = cv_folds(train, options)
+    groups, train_sets, held_out = cv_folds(train, options, mirrored)
     candidates = search_grid(options)
     by_epochs: dict[tuple[int, int], list[TrainOptions]] = {}
     for candidate in candidates:
@@ -474,6 +486,7 @@ def cross_validate(
         "folds": options.folds,
         "fold_sizes": [len(h) for h in held_out],
         "duplicate_groups": int(groups.max()) + 1,
+        "mirror_aware": mirrored is not None,
         "images": len(train),
         "grid": {"lr": list(SEARCH_LR), "weight_decay": list(SEARCH_WEIGHT_DECAY), "epochs": list(SEARCH_EPOCHS)},
         "selection": (
@@ -507,8 +520,12 @@ def train_head(
     progress: bool = True,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    data_root: Path | None = None,
 ) -> TrainResult:
-    """Train the head on the training split (optionally choosing lr/weight decay/epochs by CV)."""
+    """Train the head on the training split (optionally choosing lr/weight decay/epochs by CV).
+
+    With `data_root` the CV folds also keep mirrored copies together (their hashes need the images).
+    """
     from edge_build import network
     from edge_build.msenv import mindspore_module
 
@@ -522,6 +539,7 @@ def train_head(
         "weights_sha256": weights.sha256,
         "options": asdict(options),
         "trainer": TRAINER_VERSION,
+        "mirror_aware_folds": options.search and data_root is not None,
     }
 
     def produce(out: Path) -> dict[str, Any]:
@@ -529,7 +547,12 @@ def train_head(
         search = None
         chosen = options
         if options.search:
-            search, chosen = cross_validate(features, options, log, progress)
+            mirrored = None
+            if data_root is not None:
+                from edge_build.mirrored import image_items, mirrored_hashes
+
+                mirrored = mirrored_hashes(image_items(train, Path(data_root)), Path(build_dir))
+            search, chosen = cross_validate(features, options, log, progress, mirrored)
         fit = fit_head(train.features, train.labels, chosen)
         head = network.build_head(taxonomy.NUM_CLASSES)
         ms = mindspore_module()

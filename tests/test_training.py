@@ -244,3 +244,32 @@ def test_train_stage_writes_checkpoints_and_record_and_is_cached(imported, tmp_p
     # The network checkpoint holds the backbone (BatchNorm form) and the trained head.
     net = heads[0].network(fold_bn=True)
     assert tuple(net.head.weight.shape) == (26, 1280)
+
+
+def test_cv_folds_keep_a_mirrored_copy_with_its_original():
+    from edge_build.features import SplitFeatures
+    from edge_build.training import TrainOptions, cv_folds
+
+    rng = np.random.default_rng(3)
+    n = 60
+    phash = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    dhash = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    train = SplitFeatures(
+        split="train",
+        features=rng.normal(size=(n, 4)).astype(np.float32),
+        labels=np.arange(n) % 3,
+        keys=[f"train/00_0{i % 3}/{i:05d}.jpg" for i in range(n)],
+        sha256=[f"{i:064x}" for i in range(n)],
+        pixel_sha256=[f"{i + 1000:064x}" for i in range(n)],
+        phash=phash,
+        dhash=dhash,
+    )
+    flipped_p = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    flipped_d = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    flipped_p[7], flipped_d[7] = phash[40], dhash[40]  # image 7 mirrored is image 40
+    options = TrainOptions(folds=5)
+    plain_groups, _, _ = cv_folds(train, options)
+    groups, _, held_out = cv_folds(train, options, (flipped_p, flipped_d))
+    assert plain_groups[7] != plain_groups[40] and groups[7] == groups[40]
+    fold_of = {int(i): f for f, held in enumerate(held_out) for i in held}
+    assert fold_of[7] == fold_of[40]

@@ -124,7 +124,12 @@ def train(search: bool, force: bool, **kwargs: Any) -> None:
         if finetune is not None:
             run_finetune(settings, feature_set, _weights(settings), options, finetune, search, force, _log)
             return
-        result = train_head(feature_set, _weights(settings), settings.build_dir, options, force=force, log=_log)
+        data_root = settings.data.path if settings.data.path.is_dir() else None
+        if options.search and data_root is None:
+            _log(f"train: data set not found at {settings.data.path}: CV folds cannot join mirrored copies")
+        result = train_head(
+            feature_set, _weights(settings), settings.build_dir, options, force=force, log=_log, data_root=data_root
+        )
     record = result.record
     chosen = record["hyperparameters"]
     state = "trained" if result.ran else "up to date"

@@ -102,8 +102,9 @@ def test_changed_data_set_reruns_exactly_the_dependent_stages(reference: Referen
     assert run.returncode == 0, str(run)
     ran = run.stdout.split("stages run: ")[1].splitlines()[0].split(", ")
     # Not weights, not the backbone export: nothing they read changed. Everything downstream of the features did:
-    # the features at each resolution candidate (224, 192, 160), the choice, then the build at the chosen size.
-    resolution = ["features", "features", "features", "resolution"]
+    # the features at each resolution candidate (224, 192, 160), the choice (which hashes the mirrored
+    # training images for its folds), then the build at the chosen size.
+    resolution = ["features", "features", "features", "resolution", "mirrored-hashes"]
     assert ran == [*resolution, "features", "train", "eval", "export", "quantize", "ort", "verify"], ran
     computed = {}
     for name in ("set-224", "set-192", "set-160", "set"):
