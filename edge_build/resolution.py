@@ -81,6 +81,8 @@ def choose_resolution(
     max_drop = settings.max_drop_pt(profile.budget)
     options = TrainOptions().validate()
     build_dir = Path(build_dir)
+    # Each size keeps its own assembled set (features/set-<size>), the reference size included: sharing
+    # features/set with the build would make it flip between the reference and the chosen size on every run.
     feature_sets = {}
     for size in candidates:
         feature_sets[size] = extract_features(
