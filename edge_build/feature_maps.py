@@ -21,7 +21,6 @@ check against MindSpore on real images (like the pooled features), else in MindS
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from edge_build import atomic, network
 from edge_build.augment import Augmentation, augment_view
 from edge_build.dataset import ImageRef
 from edge_build.errors import CheckFailed, EdgeBuildError
-from edge_build.features import NPZ_ERRORS, PARITY_MIN_COSINE, FeatureStore, _encode_npz, write_sample_parity
+from edge_build.features import PARITY_MIN_COSINE, FeatureStore, _encode_npz, write_sample_parity
 from edge_build.hashing import fingerprint, sha256_bytes
 from edge_build.images import load_rgb
 from edge_build.stages import run_stage
@@ -79,24 +78,11 @@ def view_tag(view: int, seed: int, aug: Augmentation) -> str:
 class MapStore(FeatureStore):
     """build/finetune/maps/<key>/<shard sha256>.npz: `<image sha256>:<view tag>` -> float16 map."""
 
-    def load(self) -> dict[str, np.ndarray]:  # type: ignore[override]
-        entries: dict[str, np.ndarray] = {}
-        for shard in self.shards():
-            data = shard.read_bytes()
-            try:
-                if sha256_bytes(data) != shard.stem:
-                    raise ValueError("content does not match its name")
-                with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                    names, maps = npz["entry"], npz["maps"]
-                if maps.dtype != STORE_DTYPE or maps.ndim != 4 or len(names) != len(maps):
-                    raise ValueError("unexpected shapes")
-            except NPZ_ERRORS as exc:
-                self.damaged.append(f"{shard.name} ({exc})")
-                shard.unlink(missing_ok=True)
-                continue
-            for name, value in zip(names.tolist(), maps, strict=True):
-                entries[name] = value
-        return entries
+    def _decode(self, npz: Any) -> dict[str, np.ndarray]:
+        names, maps = npz["entry"], npz["maps"]
+        if maps.dtype != STORE_DTYPE or maps.ndim != 4 or len(names) != len(maps):
+            raise ValueError("unexpected shapes")
+        return dict(zip(names.tolist(), maps, strict=True))
 
     def write(self, entries: dict[str, np.ndarray]) -> Path:  # type: ignore[override]
         names = sorted(entries)

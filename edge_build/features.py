@@ -123,25 +123,32 @@ class FeatureStore:
     def shards(self) -> list[Path]:
         return sorted(self.directory.glob("*.npz")) if self.directory.is_dir() else []
 
-    def load(self) -> dict[str, _Entry]:
-        entries: dict[str, _Entry] = {}
+    def load(self) -> dict[str, Any]:
+        """Every entry of every intact shard; a damaged shard is noted in `damaged` and deleted."""
+        entries: dict[str, Any] = {}
         for shard in self.shards():
             data = shard.read_bytes()
             try:
                 if sha256_bytes(data) != shard.stem:
                     raise ValueError("content does not match its name")
                 with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                    shas, feats = npz["sha256"], npz["features"]
-                    pixels, phash, dhash = npz["pixel_sha256"], npz["phash"], npz["dhash"]
-                if feats.dtype != np.float32 or feats.ndim != 2 or not len(shas) == len(feats) == len(phash):
-                    raise ValueError("unexpected shapes")
+                    decoded = self._decode(npz)
             except NPZ_ERRORS as exc:
                 self.damaged.append(f"{shard.name} ({exc})")
                 shard.unlink(missing_ok=True)
                 continue
-            for i, sha in enumerate(shas.tolist()):
-                entries[sha] = _Entry(feats[i], pixels[i].item(), int(phash[i]), int(dhash[i]))
+            entries.update(decoded)
         return entries
+
+    def _decode(self, npz: Any) -> dict[str, Any]:
+        """One shard's entries; ValueError when its arrays are not what `write` stores."""
+        shas, feats = npz["sha256"], npz["features"]
+        pixels, phash, dhash = npz["pixel_sha256"], npz["phash"], npz["dhash"]
+        if feats.dtype != np.float32 or feats.ndim != 2 or not len(shas) == len(feats) == len(phash):
+            raise ValueError("unexpected shapes")
+        return {
+            sha: _Entry(feats[i], pixels[i].item(), int(phash[i]), int(dhash[i])) for i, sha in enumerate(shas.tolist())
+        }
 
     def write(self, entries: dict[str, _Entry]) -> Path:
         shas = sorted(entries)
