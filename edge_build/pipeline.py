@@ -172,8 +172,8 @@ def _run_stages(
         training = _finetune(settings, options, data_root, imported, features, log)
     else:
         progress.enter("train")
-        options_ = TrainOptions(search=options.search)
-        training = train_head(features, imported, build, options_, progress=False, log=log, data_root=data_root)
+        head = TrainOptions(search=options.search)
+        training = train_head(features, imported, build, head, progress=False, log=log, data_root=data_root)
 
     progress.enter("eval")
     evaluation = evaluate(features, data_root, build, progress=False, log=log)

@@ -96,10 +96,9 @@ class AccuracyGateFailed(CheckFailed):
 
 def quantization_settings(profile: TargetProfile, exclude_nodes: Sequence[str] = ()) -> dict[str, Any]:
     q = profile.quantization
-    return {
+    settings = {
         "format": "qdq",
         "method": q.method,
-        "percentile": q.percentile if q.method == "percentile" else None,
         "per_channel": q.per_channel,
         "activation_type": q.activation_type,
         "weight_type": q.weight_type,
@@ -109,6 +108,7 @@ def quantization_settings(profile: TargetProfile, exclude_nodes: Sequence[str] =
         "calibration_batch": CALIBRATION_BATCH,
         "fallback_methods": [m for m in q.fallback_methods if m != q.method],
     }
+    return _with_method(settings, q.method, profile)
 
 
 def _with_method(settings: dict[str, Any], method: str, profile: TargetProfile) -> dict[str, Any]:
@@ -327,7 +327,7 @@ def quantize_model(
                 stale.unlink()
         methods = [settings["method"], *settings["fallback_methods"]]
         attempts: list[dict[str, Any]] = []
-        for number, method in enumerate(methods):
+        for number, method in enumerate(methods, 1):
             try:
                 result = _quantize_and_judge(
                     fp32_onnx,
@@ -340,21 +340,20 @@ def quantize_model(
                     _with_method(settings, method, profile),
                     log,
                 )
+                break
             except AccuracyGateFailed as failed:
                 attempts.append({"method": method, "passed": False, "summary": failed.result.summary()})
-                if number + 1 == len(methods):
+                if number == len(methods):
                     if len(methods) > 1:
                         earlier = "; ".join(f"{a['method']}: {a['summary']}" for a in attempts[:-1])
                         failed.message += f"; calibration methods tried before {method}: {earlier}"
                     raise
                 if log:
-                    log(f"quantize: {method} calibration failed the gate; trying {methods[number + 1]}")
-                continue
-            if attempts:
-                result.attempts = attempts
-                atomic.write_json(directory / REPORT, {"schema": SCHEMA, **_portable(result)})
-            return _portable(result)
-        raise AssertionError("unreachable")
+                    log(f"quantize: {method} calibration failed the gate; trying {methods[number]}")
+        if attempts:
+            result.attempts = attempts
+            atomic.write_json(directory / REPORT, {"schema": SCHEMA, **_portable(result)})
+        return _portable(result)
 
     stage = run_stage("quantize", out_dir, inputs, produce, force=force, log=log)
     return result_from_record(stage.info, out_dir, ran=stage.ran)
