@@ -2,10 +2,12 @@
 
 ONNX Runtime static quantization, QDQ format, after `quant_pre_process`; activation
 ranges calibrated on the committed calibration set through the one shared
-preprocessing. The int8 model is checked (onnx.checker, loads and runs in ONNX
-Runtime) and then judged: fp32 and int8 top-1 on the validation split side by side,
-and the stage fails when the drop exceeds the target profile's maximum, naming the
-most sensitive nodes so they can be excluded (`--exclude-nodes`) on the next try.
+preprocessing; with `bias_correction` (the default) the mean output shift of the int8
+weight rounding is folded into the biases and the model quantized again. The int8
+model is checked (onnx.checker, loads and runs in ONNX Runtime) and then judged: fp32
+and int8 top-1 on the validation split side by side, and the stage fails when the
+drop exceeds the target profile's maximum, naming the most sensitive
+nodes so they can be excluded (`--exclude-nodes`) on the next try.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def quantization_settings(profile: TargetProfile, exclude_nodes: Sequence[str] =
         "weight_type": q.weight_type,
         "reduce_range": q.reduce_range,
         "input_format": q.input_format,
+        "bias_correction": q.bias_correction,
         "exclude_nodes": sorted(set(exclude_nodes)),
         "calibration_batch": CALIBRATION_BATCH,
         "fallback_methods": [m for m in q.fallback_methods if m != q.method],
@@ -255,6 +258,21 @@ def quantize_prepared(
         root.setLevel(level)
 
 
+def _correct_biases(
+    prepared: Path, quantized: Path, calibration: CalibrationSet, preprocessing: Preprocessing, scratch: Path
+) -> dict[str, Any]:
+    """scratch/corrected.onnx: `prepared` with the int8 weight-rounding shift of `quantized` taken out of its biases."""
+    import onnx
+
+    from edge_build.bias_correction import BATCH, correct_biases, input_channel_means
+
+    float_model = onnx.load(str(prepared))
+    means = input_channel_means(float_model, calibration.batches(preprocessing, BATCH))
+    summary = correct_biases(float_model, onnx.load(str(quantized)), means)
+    onnx.save(float_model, str(scratch / "corrected.onnx"))
+    return {**summary, "calibration_images": len(calibration)}
+
+
 # --- accuracy --------------------------------------------------------------------------------------
 
 
@@ -400,6 +418,11 @@ def _quantize_and_judge(
         qdq_path = scratch / "qdq.onnx"
         say(f"quantize: calibrating on {len(calibration)} images ({settings['method']}), writing QDQ int8")
         quantize_prepared(prepared_path, qdq_path, calibration, preprocessing, settings)
+        correction = None
+        if settings.get("bias_correction"):
+            say("quantize: bias correction (mean shift of the int8 weight rounding), re-quantizing")
+            correction = _correct_biases(prepared_path, qdq_path, calibration, preprocessing, scratch)
+            quantize_prepared(scratch / "corrected.onnx", qdq_path, calibration, preprocessing, settings)
         model = onnx.load(str(qdq_path))
         fold = None
         if settings["input_format"] == "uint8_nhwc":
@@ -433,7 +456,7 @@ def _quantize_and_judge(
             val_images=len(val_images),
             fp32_bytes=fp32_onnx.stat().st_size,
             int8_bytes=int8_path.stat().st_size,
-            settings={**settings, "uint8_input": fold},
+            settings={**settings, "uint8_input": fold, "bias_correction_applied": correction},
         )
         if not result.passed:
             from edge_build.sensitivity import rank_sensitive_nodes

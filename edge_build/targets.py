@@ -77,6 +77,8 @@ class Quantization:
     weight_type: str = "int8"
     reduce_range: bool = False
     input_format: str = "float_nchw"
+    #: fold the mean output shift of int8 weight rounding into the biases (`bias_correction`)
+    bias_correction: bool = True
     #: tried in order when `method` fails the accuracy gate (every attempt is recorded)
     fallback_methods: tuple[str, ...] = ()
 
@@ -240,6 +242,7 @@ _SCHEMA: dict[str, dict[str, Check]] = {
         "weight_type": _choice(QUANT_TYPES),
         "reduce_range": _boolean,
         "input_format": _choice(INPUT_FORMATS),
+        "bias_correction": _boolean,
         "fallback_methods": _list(_choice(METHODS), "calibration methods"),
     },
     "resolution": {

@@ -84,6 +84,39 @@ def test_cpu_profile_quantizes_checks_and_caches(colour, tmp_path):
     assert entropy.ran and entropy.settings["method"] == "entropy" and entropy.passed
 
 
+def test_bias_correction_is_recorded_and_switching_it_off_requantizes(colour, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    def biases(path):
+        model = onnx.load(str(path))
+        int32 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32]
+        return {i.name: numpy_helper.to_array(i) for i in int32 if i.name.endswith("_quantized")}
+
+    # the fixture's weights are exact multiples of their int8 scale: rounding them shifts nothing
+    model = onnx.load(str(colour["model"]))
+    weight = next(i for i in model.graph.initializer if i.name == "w")
+    values = numpy_helper.to_array(weight)
+    noise = np.random.default_rng(0).uniform(0.9, 1.1, size=values.shape).astype(np.float32)
+    weight.CopyFrom(numpy_helper.from_array(values * noise, "w"))
+    onnx.save(model, str(tmp_path / "rough.onnx"))
+    rough = {**colour, "model": tmp_path / "rough.onnx"}
+
+    profile = load_target("cpu", TARGETS)
+    corrected = run(rough, tmp_path / "corrected", profile)
+    applied = corrected.settings["bias_correction_applied"]
+    assert corrected.settings["bias_correction"] is True
+    assert applied["layers"] >= 1 and applied["max_abs_shift"] > 0
+    assert applied["calibration_images"] == len(colour["calibration"])
+    corrected_biases = biases(corrected.int8_onnx)
+    plain = run(rough, tmp_path / "corrected", with_quantization(profile, bias_correction=False))
+    assert plain.ran and plain.settings["bias_correction_applied"] is None
+    plain_biases = biases(plain.int8_onnx)
+    assert corrected_biases.keys() == plain_biases.keys() and corrected_biases
+    changed = [name for name in plain_biases if not np.array_equal(plain_biases[name], corrected_biases[name])]
+    assert changed, "the corrected biases reach the shipped int8 model"
+
+
 def test_opset_11_is_refused_before_the_quantizer_writes_an_invalid_model(colour, tmp_path):
     old = make_colour_model(tmp_path / "old.onnx", opset=11)
     with pytest.raises(EdgeBuildError, match=r"opset 11 cannot be quantized.*opset >= 13"):
