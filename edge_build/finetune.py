@@ -537,12 +537,19 @@ class _Run:
         duplicated = leakage(self.features)["_any"]
         val_correct = val_logits.argmax(1) == np.asarray(val.labels)
         cv: Estimate | None = None
+        per_photo, by_class = None, None
         if cv_correct is not None:
             cv = model_selection.estimate(cv_correct, self.groups, seed=self.options.seed)
+            per_photo = model_selection.per_photo_estimate(cv_correct, self.groups, seed=self.options.seed)
+            names = [f"{c.code} ({c.english})" for c in taxonomy.CLASSES]
+            by_class = model_selection.errors_by_class(cv_correct, self.features["train"].labels, self.groups, names)
         validation = model_selection.estimate(val_correct)
         clean = model_selection.estimate(val_correct[~duplicated]) if (~duplicated).any() else None
         return {
             "cv": cv.as_dict() if cv else None,
+            "cv_per_photo": per_photo.as_dict() if per_photo else None,
+            "cv_errors_by_class": by_class,
+            "cv_concentration": model_selection.concentration_warning(by_class) if by_class else None,
             "validation": validation.as_dict(),
             "validation_without_duplicates": clean.as_dict() if clean else None,
             "warning": model_selection.disagreement(validation, cv) if cv else None,

@@ -104,6 +104,77 @@ def estimate(
     return Estimate(hits / n, low, high, hits, n, level, method)
 
 
+def per_photo_estimate(
+    correct: Sequence[bool] | np.ndarray,
+    groups: Sequence[int] | np.ndarray,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Estimate:
+    """Accuracy with every duplicate group counted once (the mean of the groups' accuracies).
+
+    The per-image estimate counts a photo copied 20 times 20 times; this one asks how many
+    distinct photos the model gets right. `correct` and `n` are in groups (a group half right
+    counts half). Interval: percentile bootstrap over groups.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    groups = np.asarray(groups, dtype=np.int64)
+    if correct.shape != groups.shape or correct.size == 0:
+        raise ValueError("correct and groups must be non-empty and of one length")
+    _, index = np.unique(groups, return_inverse=True)
+    per_group = np.bincount(index, weights=correct.astype(np.float64)) / np.bincount(index)
+    draws = np.random.default_rng(seed).integers(0, len(per_group), size=(resamples, len(per_group)))
+    tail = (1 - level) / 2
+    low, high = np.quantile(per_group[draws].mean(axis=1), [tail, 1 - tail])
+    method = f"each of {len(per_group)} duplicate groups counted once; bootstrap over groups ({resamples} resamples)"
+    hits = float(per_group.sum())
+    return Estimate(hits / len(per_group), float(low), float(high), round(hits, 2), len(per_group), level, method)
+
+
+def errors_by_class(
+    correct: Sequence[bool] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[int] | np.ndarray,
+    names: Sequence[str],
+    top: int = 5,
+) -> list[dict[str, Any]]:
+    """The classes holding the most held-out errors: images wrong, distinct photos wrong, distinct photos."""
+    correct = np.asarray(correct, dtype=bool)
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    rows = []
+    for label in np.unique(labels[~correct]):
+        mine = labels == label
+        wrong_groups = np.unique(groups[mine & ~correct])
+        rows.append(
+            {
+                "class": names[int(label)],
+                "images": int(mine.sum()),
+                "errors": int((mine & ~correct).sum()),
+                "photos": len(np.unique(groups[mine])),
+                "photos_wrong": len(wrong_groups),
+            }
+        )
+    rows.sort(key=lambda row: (-row["errors"], row["class"]))
+    total = int((~correct).sum())
+    for row in rows:
+        row["share_of_errors"] = round(row["errors"] / total, 4)
+    return rows[:top]
+
+
+def concentration_warning(rows: Sequence[dict[str, Any]], threshold: float = 0.2) -> str | None:
+    """A warning when one class holds more than `threshold` of the CV errors through few distinct photos."""
+    if not rows or rows[0]["share_of_errors"] <= threshold:
+        return None
+    row = rows[0]
+    return (
+        f"{row['class']} holds {100 * row['share_of_errors']:.0f} % of the CV errors: {row['errors']} of its "
+        f"{row['images']} images wrong, {row['photos_wrong']} of its {row['photos']} distinct photos; "
+        "the per-image estimate weighs each copy of a photo, the per-photo estimate counts it once "
+        "(add distinct photos of that class: `edge-build doctor` lists its copies)"
+    )
+
+
 def paired_difference(
     correct: Sequence[bool] | np.ndarray,
     baseline: Sequence[bool] | np.ndarray,

@@ -8,10 +8,13 @@ import pytest
 from edge_build.model_selection import (
     Estimate,
     choose,
+    concentration_warning,
     disagreement,
+    errors_by_class,
     estimate,
     group_bootstrap_interval,
     paired_difference,
+    per_photo_estimate,
     wilson_interval,
 )
 
@@ -110,3 +113,42 @@ def test_choose_takes_the_cheapest_that_the_best_does_not_beat_significantly():
     assert choose(rows[:2], lambda r: r["cost"], groups)["name"] == "head"
     with pytest.raises(ValueError):
         choose([], lambda r: 0, groups)
+
+
+def _copied_photo_data():
+    """20 distinct photos right; one photo copied 20 times, wrong; class 1 holds the copies."""
+    correct = np.array([True] * 20 + [False] * 20)
+    groups = np.array(list(range(20)) + [20] * 20)
+    labels = np.array([0] * 20 + [1] * 20)
+    return correct, groups, labels
+
+
+def test_per_photo_estimate_counts_a_copied_photo_once():
+    correct, groups, _ = _copied_photo_data()
+    assert estimate(correct, groups).accuracy == 0.5  # per image: the copies weigh 20
+    photo = per_photo_estimate(correct, groups)
+    assert photo.accuracy == pytest.approx(20 / 21) and photo.n == 21 and photo.correct == 20
+    assert photo.low < photo.accuracy <= photo.high <= 1.0
+    half = per_photo_estimate(np.array([True, False, True]), np.array([0, 0, 1]))
+    assert half.accuracy == pytest.approx(0.75), "a group half right counts half"
+    with pytest.raises(ValueError):
+        per_photo_estimate(np.array([True]), np.array([0, 1]))
+
+
+def test_errors_by_class_names_the_class_and_its_distinct_photos():
+    correct, groups, labels = _copied_photo_data()
+    correct[0] = False  # one error in class 0 too
+    rows = errors_by_class(correct, labels, groups, ["00_00 (a)", "00_01 (b)"])
+    assert [r["class"] for r in rows] == ["00_01 (b)", "00_00 (a)"]
+    assert rows[0] == {
+        "class": "00_01 (b)",
+        "images": 20,
+        "errors": 20,
+        "photos": 1,
+        "photos_wrong": 1,
+        "share_of_errors": pytest.approx(20 / 21, abs=1e-4),
+    }
+    warning = concentration_warning(rows)
+    assert warning and "00_01 (b) holds 95 % of the CV errors" in warning and "1 distinct photos" in warning
+    spread = [dict(rows[0], share_of_errors=0.1)]
+    assert concentration_warning(spread) is None

@@ -84,6 +84,13 @@ def run_finetune(
             f"  {name:<12} {_interval(side['cv']):>26}   {_interval(side['validation']):>22}   "
             f"{_interval(side['validation_without_duplicates']):>22}"
         )
+    if tuned.get("cv_per_photo"):
+        click.echo(
+            f"  per photo    CV with every duplicate group counted once: head only "
+            f"{_interval(head_only.get('cv_per_photo'))}, fine-tuned {_interval(tuned['cv_per_photo'])}"
+        )
+    if tuned.get("cv_concentration"):
+        click.secho(f"  note     {tuned['cv_concentration']}", fg="yellow", err=True)
     gain = tuned.get("cv_gain_over_head_only")
     if gain and tuned["blocks"]:
         click.echo(
