@@ -639,6 +639,30 @@ class _Run:
         }
 
 
+def summary_lines(section: dict[str, Any]) -> list[str]:
+    """Fine-tuned vs head only in a few log lines (the `train --finetune` command prints a fuller table)."""
+
+    def text(payload: dict[str, Any] | None) -> str:
+        if not payload:
+            return "not estimated"
+        return f"{100 * payload['accuracy']:.1f} % [{100 * payload['low']:.1f}, {100 * payload['high']:.1f}]"
+
+    head = section["head_only"]
+    lines = [
+        f"finetune: CV top-1 {text(section['cv'])} vs head only {text(head['cv'])}; "
+        f"per distinct photo {text(section.get('cv_per_photo'))} vs {text(head.get('cv_per_photo'))}",
+        f"finetune: validation top-1 {text(section['validation'])} vs head only {text(head['validation'])}",
+    ]
+    gain = section.get("cv_gain_over_head_only")
+    if gain:
+        lines.append(
+            f"finetune: gain {100 * gain['gain']:+.1f} pt on the same folds "
+            f"[{100 * gain['low']:+.1f}, {100 * gain['high']:+.1f}] (paired)"
+        )
+    lines += [f"finetune: note: {note}" for note in (section.get("cv_concentration"), section["warning"]) if note]
+    return lines
+
+
 def _threads() -> int:
     from edge_build.msenv import threads
 

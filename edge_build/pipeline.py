@@ -227,7 +227,7 @@ def _finetune(
 ) -> Any:
     from edge_build import finetune
 
-    return finetune.finetune_stage(
+    result = finetune.finetune_stage(
         data_root=data_root,
         weights=imported,
         features=features,
@@ -235,6 +235,9 @@ def _finetune(
         blocks=options.blocks,
         log=log,
     )
+    for line in finetune.summary_lines(result.record["finetune"]):
+        log(line)
+    return result
 
 
 def _target_artifacts(

@@ -363,6 +363,10 @@ def test_finetune_stage_writes_what_later_stages_read_and_is_cached(imported, tm
     for side in (tuned, tuned["head_only"]):
         assert side["cv"]["n"] == 78 and side["cv"]["low"] <= side["cv"]["accuracy"] <= side["cv"]["high"]
         assert side["validation"]["n"] == 26
+        photo = side["cv_per_photo"]
+        assert photo["n"] == tuned["duplicate_groups"] and photo["low"] <= photo["accuracy"] <= photo["high"]
+        wrong = side["cv"]["n"] - side["cv"]["correct"]
+        assert sum(row["errors"] for row in side["cv_errors_by_class"]) <= wrong
     assert tuned["network_check"]["top1_agreement"] == 1.0
     assert sorted(p.name for p in (build / "train").iterdir()) == sorted(
         ["head.ckpt", "network.ckpt", "training.json", "loss.png", "lr_schedules.png", "record.json"]
