@@ -86,7 +86,7 @@ def run_finetune(
         )
     if tuned.get("cv_per_photo"):
         click.echo(
-            f"  per photo    CV with every duplicate group counted once: head only "
+            f"  photos   CV with every duplicate group counted once: head only "
             f"{_interval(head_only.get('cv_per_photo'))}, fine-tuned {_interval(tuned['cv_per_photo'])}"
         )
     if tuned.get("cv_concentration"):
