@@ -27,12 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_build.quant_graph import node_attribute
+
 #: Conv input means are accumulated over batches of this many calibration images.
 BATCH = 25
-
-
-def _attribute(node: Any, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _layers(model: Any) -> list[Any]:
@@ -88,11 +86,11 @@ def bias_shift(node: Any, weight: np.ndarray, dequantized: np.ndarray, means: np
     """The mean output shift of `node` caused by its weight rounding: sum_k eps[c, k] * E[x_k] per output c."""
     error = (dequantized - weight).astype(np.float64)
     if node.op_type == "Gemm":
-        if _attribute(node, "transA", 0):
+        if node_attribute(node, "transA", 0):
             raise ValueError(f"{node.name}: Gemm with transA is not supported")
-        rows = error if _attribute(node, "transB", 0) else error.T  # (out, in)
+        rows = error if node_attribute(node, "transB", 0) else error.T  # (out, in)
         return rows @ means
-    group = _attribute(node, "group", 1)
+    group = node_attribute(node, "group", 1)
     out_channels, in_per_group = error.shape[:2]
     per_tap = error.reshape(out_channels, in_per_group, -1).sum(axis=2)  # (out, in/group)
     group_of_output = np.arange(out_channels) // (out_channels // group)

@@ -645,10 +645,10 @@ class _Run:
 def summary_lines(section: dict[str, Any]) -> list[str]:
     """Fine-tuned vs head only in a few log lines (the `train --finetune` command prints a fuller table)."""
 
+    from edge_build.model_selection import Estimate
+
     def text(payload: dict[str, Any] | None) -> str:
-        if not payload:
-            return "not estimated"
-        return f"{100 * payload['accuracy']:.1f} % [{100 * payload['low']:.1f}, {100 * payload['high']:.1f}]"
+        return Estimate(**payload).text() if payload else "not estimated"
 
     head = section["head_only"]
     lines = [

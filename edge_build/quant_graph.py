@@ -209,7 +209,7 @@ def check_quantized(path: Path, sample: np.ndarray) -> None:
         raise EdgeBuildError(f"{path}: the quantized model produces non-finite outputs", "recalibrate")
 
 
-def _attribute(node: Any, name: str, default: Any) -> Any:
+def node_attribute(node: Any, name: str, default: Any) -> Any:
     from onnx import helper
 
     for attribute in node.attribute:
@@ -254,9 +254,9 @@ def group_stem_columns(model: Any, input_name: str = UINT8_INPUT_NAME) -> dict[s
         return None
     weight = _initializer(model, weight_dq.input[0])
     out_channels, in_channels, kernel_h, kernel_w = weight.shape
-    strides = list(_attribute(conv, "strides", [1, 1]))
-    dilations = list(_attribute(conv, "dilations", [1, 1]))
-    pads = list(_attribute(conv, "pads", [0, 0, 0, 0]))
+    strides = list(node_attribute(conv, "strides", [1, 1]))
+    dilations = list(node_attribute(conv, "dilations", [1, 1]))
+    pads = list(node_attribute(conv, "pads", [0, 0, 0, 0]))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     height, width = dims[1].dim_value, dims[2].dim_value
     if (
@@ -264,8 +264,8 @@ def group_stem_columns(model: Any, input_name: str = UINT8_INPUT_NAME) -> dict[s
         or (kernel_h, kernel_w) != (3, 3)
         or strides != [2, 2]
         or dilations != [1, 1]
-        or _attribute(conv, "group", 1) != 1
-        or _attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        or node_attribute(conv, "group", 1) != 1
+        or node_attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
         or not width
         or width % 4
         or height % 2
@@ -308,7 +308,7 @@ def group_stem_columns(model: Any, input_name: str = UINT8_INPUT_NAME) -> dict[s
     quantize = quantizers[0]
     original_q_output = quantize.output[0]
     prefix = f"{conv.name}_grouped"
-    weight_axis = _attribute(weight_dq, "axis", 1)
+    weight_axis = node_attribute(weight_dq, "axis", 1)
     nodes = [
         helper.make_node("Reshape", [input_name, names["in_shape"]], [f"{prefix}_in_nhwc"], name=f"{prefix}_in"),
         helper.make_node(
@@ -370,13 +370,13 @@ def pool_to_global_average(model: Any) -> list[str]:
     for node in list(model.graph.node):
         if node.op_type != "ReduceMean":
             continue
-        axes = _attribute(node, "axes", None)
+        axes = node_attribute(node, "axes", None)
         if axes is None and len(node.input) > 1:
             constant = next((i for i in model.graph.initializer if i.name == node.input[1]), None)
             axes = None if constant is None else _initializer(model, constant.name).tolist()
         info = shapes.get(node.input[0])
         rank = len(info.type.tensor_type.shape.dim) if info is not None else None
-        if rank != 4 or sorted(int(a) % 4 for a in axes or []) != [2, 3] or _attribute(node, "keepdims", 1) != 0:
+        if rank != 4 or sorted(int(a) % 4 for a in axes or []) != [2, 3] or node_attribute(node, "keepdims", 1) != 0:
             continue
         index = list(model.graph.node).index(node)
         pooled = f"{node.output[0]}_pooled"

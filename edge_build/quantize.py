@@ -6,8 +6,8 @@ preprocessing; with `bias_correction` (the default) the mean output shift of the
 weight rounding is folded into the biases and the model quantized again. The int8
 model is checked (onnx.checker, loads and runs in ONNX Runtime) and then judged: fp32
 and int8 top-1 on the validation split side by side, and the stage fails when the
-drop exceeds the target profile's maximum, naming the most sensitive
-nodes so they can be excluded (`--exclude-nodes`) on the next try.
+drop exceeds the target profile's maximum, naming the most sensitive nodes so they
+can be excluded (`--exclude-nodes`) on the next try.
 """
 
 from __future__ import annotations
