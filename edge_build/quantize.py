@@ -90,10 +90,40 @@ class AccuracyGateFailed(CheckFailed):
     def __init__(self, result: QuantizeResult, report: Path) -> None:
         self.result = result
         suspects = ", ".join(s["node"] for s in result.sensitivity[:5]) or "none found"
+        fix = "retry with `edge-build quantize --exclude-nodes NODE[,NODE...]` or another --method"
+        if _saturation_possible(result.settings):
+            fix = (
+                "this CPU has no VNNI, so ONNX Runtime's U8S8 kernels add u8*s8 pairs in saturating int16 "
+                "(VPMADDUBSW) and 8-bit weights overflow them: set `reduce_range = true` under [quantization] "
+                f"in the target profile (7-bit weights); or {fix}"
+            )
         super().__init__(
             f"int8 accuracy gate failed: {result.summary()}; most sensitive nodes: {suspects} (details in {report})",
-            "retry with `edge-build quantize --exclude-nodes NODE[,NODE...]` or another --method",
+            fix,
         )
+
+
+#: x86 CPU flags with a non-saturating u8*s8 dot product (ONNX Runtime uses it when present)
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def u8s8_may_saturate(cpuinfo: str | None = None) -> bool:
+    """Whether this machine's U8S8 int8 kernels can saturate: x86 without VNNI (AVX2 / AVX-512F only)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return "avx2" in flags and not flags & _VNNI_FLAGS
+    return False
+
+
+def _saturation_possible(settings: dict[str, Any]) -> bool:
+    eight_bit_u8s8 = settings.get("activation_type") == "uint8" and settings.get("weight_type") == "int8"
+    return eight_bit_u8s8 and not settings.get("reduce_range") and u8s8_may_saturate()
 
 
 def quantization_settings(profile: TargetProfile, exclude_nodes: Sequence[str] = ()) -> dict[str, Any]:

@@ -75,7 +75,8 @@ class Quantization:
     per_channel: bool = True
     activation_type: str = "uint8"
     weight_type: str = "int8"
-    reduce_range: bool = False
+    #: 7-bit weights, so x86 U8S8 kernels without VNNI cannot saturate their int16 pair sums
+    reduce_range: bool = True
     input_format: str = "float_nchw"
     #: fold the mean output shift of int8 weight rounding into the biases (`bias_correction`)
     bias_correction: bool = True

@@ -270,6 +270,39 @@ def test_stem_column_grouping_is_the_same_integer_arithmetic(colour, tmp_path, p
     np.testing.assert_array_equal(grouped.run(pixels), plain.run(pixels))
 
 
+def test_a_failed_gate_on_a_cpu_without_vnni_points_at_reduce_range(colour, tmp_path, monkeypatch):
+    from edge_build import quantize
+
+    monkeypatch.setattr(quantize, "u8s8_may_saturate", lambda: True)
+    eight_bit = with_quantization(load_target("cpu", TARGETS), per_channel=False, reduce_range=False)
+    with pytest.raises(AccuracyGateFailed) as info:
+        run(colour, tmp_path / "q8", eight_bit)
+    assert "no VNNI" in info.value.hint and "reduce_range = true" in info.value.hint
+    assert "--exclude-nodes" in info.value.hint
+    seven_bit = with_quantization(eight_bit, reduce_range=True)  # cannot saturate: the hint would mislead
+    with pytest.raises(AccuracyGateFailed) as info:
+        run(colour, tmp_path / "q7", seven_bit)
+    assert "VNNI" not in info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("flags", "saturates"),
+    [
+        ("fpu sse4_1 avx2 fma", True),  # AVX2 only (the AMD EPYC this was found on)
+        ("avx2 avx512f avx512bw", True),  # AVX-512 without VNNI (Skylake-SP)
+        ("avx2 avx512f avx512_vnni", False),  # Cascade Lake and later
+        ("avx2 avx_vnni", False),  # Alder Lake
+        ("sse4_1 sse4_2", False),  # no AVX2: ONNX Runtime's SSE kernels widen to int32
+        ("", False),
+    ],
+)
+def test_u8s8_saturation_is_read_from_the_cpu_flags(flags, saturates):
+    from edge_build.quantize import u8s8_may_saturate
+
+    assert u8s8_may_saturate(f"processor\t: 0\nflags\t\t: {flags}\n") is saturates
+    assert u8s8_may_saturate("Features\t: fp asimd asimddp\n") is False  # ARM: no x86 flags line
+
+
 def test_a_failed_gate_falls_back_to_the_profiles_next_calibration_method(colour, tmp_path, monkeypatch):
     from edge_build import quantize
 
