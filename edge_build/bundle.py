@@ -6,12 +6,16 @@ failed build leaves the previous good bundle untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from edge_build import atomic
 from edge_build.errors import CheckFailed, EdgeBuildError
@@ -30,8 +34,21 @@ def _unlisted_by_design(relative: str) -> bool:
     return relative in REPORT_FILES or (temporary and any(relative.startswith(f".{r}.") for r in REPORT_FILES))
 
 
+@contextlib.contextmanager
+def publish_lock(target_dir: Path) -> Iterator[None]:
+    """Serialize bundle assembly into one output directory across builds.
+
+    Two builds with different build directories may publish to the same `--out`; they
+    share the staging directory, so the second waits (seconds: copy and hash) instead
+    of wiping the first one's half-assembled bundle.
+    """
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target_dir.with_name(f".publish-{target_dir.name}.lock"))):
+        yield
+
+
 def staging_dir(target_dir: Path) -> Path:
-    """A fresh sibling directory to assemble a bundle in."""
+    """A fresh sibling directory to assemble a bundle in (call it under `publish_lock`)."""
     staging = target_dir.with_name(f".{target_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -109,15 +109,16 @@ def _write_report(
 
     try:
         bundle_dir.mkdir(parents=True, exist_ok=True)
-        return write_report(
-            bundle_dir,
-            target=profile.name,
-            build_dir=settings.build_dir,
-            data_dir=settings.data.path,
-            history_dir=history_dir(settings, options),
-            failure=failure,
-            max_accuracy_drop_pt=profile.budget.max_accuracy_drop_pt,
-        )
+        with bundle.publish_lock(bundle_dir):
+            return write_report(
+                bundle_dir,
+                target=profile.name,
+                build_dir=settings.build_dir,
+                data_dir=settings.data.path,
+                history_dir=history_dir(settings, options),
+                failure=failure,
+                max_accuracy_drop_pt=profile.budget.max_accuracy_drop_pt,
+            )
     except Exception as exc:  # the report must never hide the build's own error
         log(f"report: could not be written ({exc})")
         return []
@@ -369,6 +370,23 @@ def _publish(
     metrics: dict[str, Any],
     log: Log,
 ) -> dict[str, Any]:
+    with bundle.publish_lock(bundle_dir):
+        _assemble(settings, profile, bundle_dir, artifacts, imported, data_root, files, metrics, log)
+    log(f"bundle: {bundle_dir}")
+    return metrics
+
+
+def _assemble(
+    settings: Settings,
+    profile: Any,
+    bundle_dir: Path,
+    artifacts: dict[str, Path],
+    imported: Any,
+    data_root: Path,
+    files: dict[str, Path | None],
+    metrics: dict[str, Any],
+    log: Log,
+) -> None:
     from edge_build.bundle_readme import bundle_readme
     from edge_build.calibration import calibration_file
     from edge_build.taxonomy import labels_payload
@@ -407,8 +425,6 @@ def _publish(
     }
     bundle.write_manifest(staging, details)
     bundle.publish(staging, bundle_dir)
-    log(f"bundle: {bundle_dir}")
-    return metrics
 
 
 def _bundle_name(kind: str, path: Path) -> str:

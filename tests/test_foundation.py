@@ -96,6 +96,54 @@ def test_atomic_write_reports_disk_errors(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old"
 
 
+def test_build_lock_keeps_scratch_in_the_build_dir_and_clears_a_killed_builds_leftovers(tmp_path):
+    import tempfile
+
+    from edge_build.locking import SCRATCH, build_lock
+
+    build = tmp_path / "build"
+    stale = build / SCRATCH / "tmpkilled" / "model.onnx"  # what a `kill -9`ed export left behind
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    outside = tempfile.gettempdir()
+    with build_lock(build):
+        assert Path(tempfile.gettempdir()) == build / SCRATCH
+        assert not stale.exists()
+        with tempfile.TemporaryDirectory() as scratch:  # how export, quantize and ONNX Runtime get scratch space
+            assert Path(scratch).parent == build / SCRATCH
+    assert tempfile.gettempdir() == outside
+    assert not (build / SCRATCH).exists()
+
+
+def test_publish_lock_makes_a_second_publisher_to_the_same_bundle_wait(tmp_path):
+    import threading
+
+    from edge_build import bundle
+
+    target = tmp_path / "dist" / "lite"
+    order: list[str] = []
+
+    def second(name: str, directory: Path) -> threading.Thread:
+        def publish() -> None:
+            with bundle.publish_lock(directory):
+                order.append(name)
+
+        thread = threading.Thread(target=publish)
+        thread.start()
+        return thread
+
+    with bundle.publish_lock(target):
+        other_target = second("cpu", tmp_path / "dist" / "cpu")
+        other_target.join(timeout=10)
+        same_target = second("lite, second build", target)
+        same_target.join(timeout=1)
+        assert same_target.is_alive(), "a second build assembled into the staging directory the first is using"
+        order.append("lite, first build")
+    same_target.join(timeout=10)
+    assert order == ["cpu", "lite, first build", "lite, second build"]
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == [".publish-cpu.lock", ".publish-lite.lock"]
+
+
 def test_stage_runs_once_then_skips_and_reruns_on_change_or_corruption(tmp_path):
     calls = []
 

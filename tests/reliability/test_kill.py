@@ -109,6 +109,8 @@ def test_kill_chain_ends_like_an_uninterrupted_build(reference: Reference, tmp_p
         assert run.killed, f"kill point not reached: {point.name}\n{run}"
         if point.glob and point.glob != "dist/lite":
             assert _left_temp_file(root, point), f"{point.name}: no temp file left: the kill did not land mid-write"
+        if "mid-calibration" in point.name:  # its scratch copy of the model sits in the build dir, not /tmp
+            assert list((root / "build" / ".scratch").glob("edge-build-quantize-*/prepared.onnx"))
         if "second cache shard" in point.name:
             shards = list((root / "build" / "features" / "cache").glob("*/*.npz"))
             assert len(shards) == 1, shards
@@ -122,5 +124,6 @@ def test_kill_chain_ends_like_an_uninterrupted_build(reference: Reference, tmp_p
     assert check_bundle(dist / "lite").returncode == 0
     assert metrics(dist, root / "build") == reference.metrics
     assert not list(dist.glob(".lite*")), "bundle staging or old bundle left behind"
+    assert not (root / "build" / ".scratch").exists(), "scratch directories of killed exports/quantizations left behind"
     leftovers = [p for p in (root / "build").rglob(".*.tmp") if "cache" not in p.parts]
     assert not leftovers, f"temp files of killed writers left in stage directories: {leftovers}"

@@ -4,6 +4,7 @@ a lock whose holder was `kill -9`ed does not block the next build."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -76,3 +77,18 @@ def test_lock_of_a_killed_build_does_not_block_the_next(reference: Reference, tm
     run = build_all(build, dist)  # no --wait: the kernel dropped the dead holder's flock
     assert run.returncode == 0, str(run)
     assert bundle.check_bundle(dist / "lite").ok
+
+
+def test_builds_in_two_build_dirs_publishing_to_one_out_dir_do_not_trample_each_other(reference: Reference, tmp_path):
+    build, dist = reference.copy(tmp_path)
+    second_build = tmp_path / "build2"
+    shutil.copytree(build, second_build, symlinks=True)
+    for _ in range(3):  # both are up to date, so they reach the bundle assembly within moments of each other
+        runs = [_start(b, dist) for b in (build, second_build)]
+        outputs = [run.communicate(timeout=300) for run in runs]
+        for run, (out, err) in zip(runs, outputs, strict=True):
+            assert run.returncode == 0, f"{out}\n{err}"
+            assert "stages run: nothing" in out
+        assert bundle.check_bundle(dist / "lite").ok
+    assert not list(dist.glob(".lite*")), "a staging directory was left behind"
+    assert metrics(dist, build) == reference.metrics
