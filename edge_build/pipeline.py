@@ -198,24 +198,25 @@ def _run_stages(
         bench_json = _bench(settings, options, profile, artifacts, data_root, log)
 
     progress.enter("bundle")
-    return _publish(
-        settings,
-        profile,
-        bundle_dir,
-        artifacts,
-        imported,
-        data_root,
-        files={
-            "doctor.json": doctor_json,
-            "training.json": training.directory / "training.json",
-            "eval.json": build / "eval" / "eval.json",
-            "parity.json": verify_dir / "parity.json",
-            "bench.json": bench_json,
-            "resolution.json": resolution.path if resolution else None,
-        },
-        metrics=_headline(evaluation, parity, artifacts, imported.preprocessing.size),
-        log=log,
-    )
+    with bundle.publish_lock(bundle_dir):  # another build may publish to the same --out
+        return _publish(
+            settings,
+            profile,
+            bundle_dir,
+            artifacts,
+            imported,
+            data_root,
+            files={
+                "doctor.json": doctor_json,
+                "training.json": training.directory / "training.json",
+                "eval.json": build / "eval" / "eval.json",
+                "parity.json": verify_dir / "parity.json",
+                "bench.json": bench_json,
+                "resolution.json": resolution.path if resolution else None,
+            },
+            metrics=_headline(evaluation, parity, artifacts, imported.preprocessing.size),
+            log=log,
+        )
 
 
 def _failed_artifacts(parity: dict[str, Any]) -> str:
@@ -370,23 +371,6 @@ def _publish(
     metrics: dict[str, Any],
     log: Log,
 ) -> dict[str, Any]:
-    with bundle.publish_lock(bundle_dir):
-        _assemble(settings, profile, bundle_dir, artifacts, imported, data_root, files, metrics, log)
-    log(f"bundle: {bundle_dir}")
-    return metrics
-
-
-def _assemble(
-    settings: Settings,
-    profile: Any,
-    bundle_dir: Path,
-    artifacts: dict[str, Path],
-    imported: Any,
-    data_root: Path,
-    files: dict[str, Path | None],
-    metrics: dict[str, Any],
-    log: Log,
-) -> None:
     from edge_build.bundle_readme import bundle_readme
     from edge_build.calibration import calibration_file
     from edge_build.taxonomy import labels_payload
@@ -425,6 +409,8 @@ def _assemble(
     }
     bundle.write_manifest(staging, details)
     bundle.publish(staging, bundle_dir)
+    log(f"bundle: {bundle_dir}")
+    return metrics
 
 
 def _bundle_name(kind: str, path: Path) -> str:
